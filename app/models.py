@@ -1,0 +1,96 @@
+"""The serving-side view of the published models: one catalogue-aligned bundle in memory.
+
+Serving needs, per catalogue track, its content embedding, its CF item factors and its
+artist/genre. The jobs publish these as separate artifacts with their own id orders; the
+bundle aligns them once at load time so every request is plain array indexing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from app.artifacts import ArtifactStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelBundle:
+    track_ids: np.ndarray
+    artists: np.ndarray
+    genres: np.ndarray
+    embeddings: np.ndarray
+    item_factors: np.ndarray | None
+    versions: dict[str, str]
+    index: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.index = {t: i for i, t in enumerate(self.track_ids.tolist())}
+
+    def indices(self, track_ids) -> np.ndarray:
+        return np.fromiter((self.index[t] for t in track_ids if t in self.index), dtype=np.int64)
+
+    @classmethod
+    def load(cls, store: ArtifactStore) -> "ModelBundle | None":
+        content = store.latest("content")
+        if content is None:
+            return None
+        tracks = pd.read_parquet(content.file("tracks.parquet"))
+        embeddings = np.load(content.file("embeddings.npy"))
+        versions = {"content": content.version}
+        item_factors = None
+        cf = store.latest("cf")
+        if cf is not None:
+            cf_items = pd.read_parquet(cf.file("items.parquet"))["track_id"].to_numpy()
+            factors = np.load(cf.file("item_factors.npy"))
+            # Tracks the CF model never saw get a zero vector: no CF opinion, not a bad one.
+            item_factors = np.zeros((len(tracks), factors.shape[1]), dtype=np.float32)
+            pos = pd.Index(tracks["track_id"]).get_indexer(cf_items)
+            item_factors[pos[pos >= 0]] = factors[pos >= 0]
+            versions["cf"] = cf.version
+        trending = store.latest_version("trending")
+        if trending:
+            versions["trending"] = trending
+        return cls(
+            track_ids=tracks["track_id"].to_numpy(dtype=object),
+            artists=tracks["artist_id"].to_numpy(dtype=object),
+            genres=tracks["genre"].to_numpy(dtype=object),
+            embeddings=embeddings.astype(np.float32),
+            item_factors=item_factors,
+            versions=versions,
+        )
+
+
+class ModelCache:
+    """Holds the current bundle and reloads it when a job publishes a new version.
+
+    Checking LATEST pointers is a few stat calls, done at most once per `interval_s`, so a
+    replica picks up new models within seconds without a redeploy.
+    """
+
+    def __init__(self, store: ArtifactStore, interval_s: float, clock=time.monotonic):
+        self.store = store
+        self.interval_s = interval_s
+        self.clock = clock
+        self.bundle: ModelBundle | None = None
+        self._seen: tuple | None = None
+        self._checked = -float("inf")
+
+    def _pointers(self) -> tuple:
+        return tuple(self.store.latest_version(n) for n in ("content", "cf", "trending"))
+
+    def get(self) -> ModelBundle | None:
+        now = self.clock()
+        if now - self._checked >= self.interval_s:
+            self._checked = now
+            pointers = self._pointers()
+            if pointers != self._seen:
+                self.bundle = ModelBundle.load(self.store)
+                self._seen = pointers
+                log.info("loaded models %s", self.bundle.versions if self.bundle else None)
+        return self.bundle

@@ -1,0 +1,113 @@
+"""Wire schemas: listening events in, recommendations out.
+
+Validation happens here, at the boundary, so that a bad request is answered with the exact
+field that is wrong (FastAPI turns a pydantic error into a 422 with its `loc`).
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+from enum import Enum
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+SCHEMA_VERSION = 1
+
+Id = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-]+$")]
+
+
+class EventType(str, Enum):
+    play = "play"
+    skip = "skip"
+    like = "like"
+    dislike = "dislike"
+    pause = "pause"
+    resume = "resume"
+    impression = "impression"
+    click = "click"
+
+
+def parse_timestamp(value: Any) -> datetime:
+    """ISO 8601 (with or without zone; naive means UTC) or epoch milliseconds."""
+    if isinstance(value, bool):
+        raise ValueError("timestamp must be ISO 8601 or epoch milliseconds")
+    if isinstance(value, (int, float)):
+        return datetime.fromtimestamp(value / 1000.0, tz=timezone.utc)
+    if isinstance(value, datetime):
+        ts = value
+    elif isinstance(value, str):
+        try:
+            ts = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise ValueError("timestamp must be ISO 8601 or epoch milliseconds") from None
+    else:
+        raise ValueError("timestamp must be ISO 8601 or epoch milliseconds")
+    return ts.replace(tzinfo=timezone.utc) if ts.tzinfo is None else ts.astimezone(timezone.utc)
+
+
+class Event(BaseModel):
+    """One listening event as a client sends it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    event_id: uuid.UUID
+    user_id: Id
+    track_id: Id
+    event_type: EventType
+    timestamp: datetime
+    position: int | None = Field(None, ge=0)
+    recommendation_id: str | None = Field(None, max_length=128)
+    experiment: str | None = Field(None, max_length=128)
+    variant: str | None = Field(None, max_length=128)
+    playlist_id: str | None = Field(None, max_length=128)
+    duration_ms: int | None = Field(None, ge=0)
+    session_id: str | None = Field(None, max_length=128)
+    device_type: str | None = Field(None, max_length=32)
+    locale: str | None = Field(None, max_length=35)
+
+    @field_validator("timestamp", mode="before")
+    @classmethod
+    def _timestamp(cls, value: Any) -> datetime:
+        return parse_timestamp(value)
+
+
+class EventBatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    events: list[Event] = Field(min_length=1)
+
+
+class EventStatus(str, Enum):
+    accepted = "accepted"
+    duplicate = "duplicate"
+
+
+class EventResult(BaseModel):
+    event_id: uuid.UUID
+    status: EventStatus
+
+
+class IngestResponse(BaseModel):
+    accepted: int
+    duplicates: int
+    results: list[EventResult]
+
+
+class RecommendedTrack(BaseModel):
+    track_id: str
+    score: float
+    sources: list[str]
+    """Which candidate sources proposed the track (cf, content, trending, popular)."""
+    artist_id: str | None = None
+    genre: str | None = None
+
+
+class RecommendationResponse(BaseModel):
+    user_id: str
+    request_id: str
+    cold_start: bool
+    """True when the user is unknown to the models and the list is popularity-based."""
+    items: list[RecommendedTrack]
+    model_versions: dict[str, str]

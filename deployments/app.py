@@ -1,0 +1,28 @@
+"""The EchoTune Serve application, built from `ray_config.yaml`.
+
+    serve run ray_config.yaml          # or: serve deploy ray_config.yaml
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import Application
+
+from app.config import settings_from_args
+from deployments.features import FeatureFetcher
+from deployments.gateway import EventGateway
+from deployments.ingress import ApiIngress
+from deployments.ranking import Blender, Reranker
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """Validate the application's args into Settings (naming any wrong key) and wire the DAG."""
+    settings = settings_from_args(args)
+    return ApiIngress.bind(
+        settings,
+        EventGateway.bind(settings),
+        FeatureFetcher.bind(settings),
+        Blender.bind(settings),
+        Reranker.bind(settings),
+    )

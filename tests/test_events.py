@@ -1,0 +1,86 @@
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from app.config import GatewaySettings
+from app.events.dead_letter import DeadLetterQueue
+from app.events.stream import EventStream
+from app.events.validation import EventValidationError, parse_events
+
+NOW = datetime(2026, 11, 26, 12, 0, tzinfo=timezone.utc)
+
+
+def event(**over):
+    doc = {"event_id": str(uuid.uuid4()), "user_id": "u1", "track_id": "t1", "event_type": "play", "timestamp": "2026-11-26T11:59:00Z"}
+    doc.update(over)
+    return doc
+
+
+def test_single_event_and_batch_parse():
+    assert len(parse_events(event(), GatewaySettings(), NOW)) == 1
+    assert len(parse_events({"events": [event(), event()]}, GatewaySettings(), NOW)) == 2
+
+
+def test_epoch_millis_and_naive_iso_are_utc():
+    ms = int(NOW.timestamp() * 1000)
+    (e,) = parse_events(event(timestamp=ms), GatewaySettings(), NOW)
+    assert e.timestamp == NOW
+    (e,) = parse_events(event(timestamp="2026-11-26T12:00:00"), GatewaySettings(), NOW)
+    assert e.timestamp == NOW
+
+
+@pytest.mark.parametrize(
+    "bad, loc",
+    [
+        ({"event_type": "listen"}, ["body", "events", 1, "event_type"]),
+        ({"event_id": "nope"}, ["body", "events", 1, "event_id"]),
+        ({"user_id": ""}, ["body", "events", 1, "user_id"]),
+        ({"timestamp": "yesterday"}, ["body", "events", 1, "timestamp"]),
+        ({"colour": "red"}, ["body", "events", 1, "colour"]),
+    ],
+)
+def test_malformed_event_names_its_field(bad, loc):
+    with pytest.raises(EventValidationError) as info:
+        parse_events({"events": [event(), event(**bad)]}, GatewaySettings(), NOW)
+    assert info.value.errors[0]["loc"] == loc
+
+
+def test_time_horizon():
+    future = (NOW + timedelta(minutes=10)).isoformat()
+    with pytest.raises(EventValidationError, match="future"):
+        parse_events(event(timestamp=future), GatewaySettings(), NOW)
+    with pytest.raises(EventValidationError, match="older"):
+        parse_events(event(timestamp="2001-01-01T00:00:00Z"), GatewaySettings(max_age_days=30), NOW)
+
+
+def test_batch_size_limit():
+    with pytest.raises(EventValidationError, match="at most 2"):
+        parse_events({"events": [event()] * 3}, GatewaySettings(max_batch=2), NOW)
+
+
+def test_stream_append_is_idempotent_per_event_id(redis_client):
+    stream = EventStream(redis_client, "s", "dedup:")
+    a, b = parse_events({"events": [event(), event()]}, GatewaySettings(), NOW)
+    first = stream.append([a, b], received_at_ms=1)
+    again = stream.append([a, b], received_at_ms=2)
+    assert all(first) and again == [None, None]
+    entries = stream.read()
+    assert [e.event["event_id"] for e in entries] == [str(a.event_id), str(b.event_id)]
+    assert entries[0].event["received_at_ms"] == 1 and entries[0].event["schema_version"] == 1
+
+
+def test_stream_reads_in_chunks_after_a_cursor(redis_client):
+    stream = EventStream(redis_client, "s", "dedup:")
+    events = parse_events({"events": [event() for _ in range(5)]}, GatewaySettings(), NOW)
+    stream.append(events, 0)
+    chunks = list(stream.iter_from("0-0", chunk=2))
+    assert [len(c) for c in chunks] == [2, 2, 1]
+    assert stream.read(after=chunks[0][-1].id)[0].id == chunks[1][0].id
+
+
+def test_dead_letter_keeps_record_and_reason(redis_client):
+    dlq = DeadLetterQueue(redis_client, "dlq")
+    dlq.put("job", {"track_id": "t9"}, "cannot decode")
+    (entry,) = dlq.entries()
+    assert entry["reason"] == "cannot decode" and '"t9"' in entry["record"] and len(dlq) == 1

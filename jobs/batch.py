@@ -15,17 +15,20 @@ from app.config import Settings
 log = logging.getLogger(__name__)
 
 
-def run_parallel(settings: Settings) -> dict[str, dict]:
-    """Returns each job's summary; raises after all have finished if any failed."""
-    import ray
-
+def _run_job(name: str, settings: Settings) -> dict:
     from jobs.embed_content import embed_content
     from jobs.train_cf import train_cf
     from jobs.trending import detect_trending
 
-    jobs = {"content": embed_content, "cf": train_cf, "trending": detect_trending}
-    remote = ray.remote(num_cpus=0, max_retries=0)(lambda fn, s: fn(s))
-    refs = {name: remote.remote(fn, settings) for name, fn in jobs.items()}
+    return {"content": embed_content, "cf": train_cf, "trending": detect_trending}[name](settings)
+
+
+def run_parallel(settings: Settings, names: tuple[str, ...] = ("content", "cf", "trending")) -> dict[str, dict]:
+    """Returns each job's summary; raises after all have finished if any failed."""
+    import ray
+
+    remote = ray.remote(num_cpus=0, max_retries=0)(_run_job)
+    refs = {name: remote.remote(name, settings) for name in names}
     results, failures = {}, {}
     for name, ref in refs.items():
         try:

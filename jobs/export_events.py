@@ -60,8 +60,8 @@ def entries_to_table(entries: list[StreamEntry]) -> pa.Table:
     arrays = {}
     for field in EVENT_SCHEMA:
         values = cols[field.name]
-        if field.name == "timestamp":
-            arrays[field.name] = pa.array(values, pa.string()).cast(pa.timestamp("ms", tz="UTC"))
+        if pa.types.is_timestamp(field.type):
+            arrays[field.name] = pa.array(values, pa.int64()).cast(field.type)
         else:
             arrays[field.name] = pa.array(values, field.type)
     return pa.table(arrays, schema=EVENT_SCHEMA)

@@ -42,8 +42,11 @@ def detect_trending(settings: Settings, now: pd.Timestamp | None = None) -> dict
     with timed("load events"):
         events = load_events(settings)
     now = now or events["timestamp"].max() + pd.Timedelta(milliseconds=1)
+    catalog = settings.paths.world_dir / "tracks.parquet"
+    # Release dates let a new track be judged against the catalogue prior, not its own silence.
+    tracks = pd.read_parquet(catalog, columns=["track_id", "release_date"]) if catalog.exists() else None
     with timed("score"):
-        trending = trending_scores(events, now, settings.trending)
+        trending = trending_scores(events, now, settings.trending, tracks=tracks)
         popular = popularity(events, dict(settings.trending.event_weights))
     store = ArtifactStore(settings.paths.artifacts_dir)
     meta = {"now": str(now), "events": len(events), "trending": len(trending), "params": settings.trending.model_dump()}
@@ -62,7 +65,10 @@ def main() -> None:
 
     args, settings = parse_args(__doc__, extra)
     init_ray()
-    print_summary(detect_trending(settings, pd.Timestamp(args.now, tz="UTC") if args.now else None))
+    now = pd.Timestamp(args.now) if args.now else None
+    if now is not None:
+        now = now.tz_localize("UTC") if now.tzinfo is None else now.tz_convert("UTC")
+    print_summary(detect_trending(settings, now))
 
 
 if __name__ == "__main__":

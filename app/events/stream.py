@@ -33,6 +33,7 @@ return out
 
 def event_to_json(event: Event, received_at_ms: int) -> str:
     doc = event.model_dump(mode="json", exclude_none=True)
+    doc["timestamp"] = round(event.timestamp.timestamp() * 1000)  # epoch ms: the Parquet unit
     doc["received_at_ms"] = received_at_ms
     doc["schema_version"] = SCHEMA_VERSION
     return json.dumps(doc, separators=(",", ":"))

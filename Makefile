@@ -1,0 +1,33 @@
+# EchoTune: `make demo` runs the whole system, `make test` runs the tests.
+# Both create .venv (Python 3.11+) and install the project into it when needed.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+export RAY_AUTH_MODE ?= disabled
+
+.PHONY: demo test stop bench install clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip >/dev/null
+	$(PY) -m pip install -e ".[test,bench]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m deployments.demo --config ray_config.yaml
+
+stop: $(STAMP)
+	$(PY) -m deployments.demo stop --config ray_config.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) .pytest_cache

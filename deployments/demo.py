@@ -1,0 +1,217 @@
+"""Run the whole system locally: `make demo` (start) and `make stop` (stop from another shell).
+
+    python -m deployments.demo [--config ray_config.yaml]      # start, keep serving until Ctrl-C
+    python -m deployments.demo stop                            # stop Serve, Ray and Redis
+
+What it does, each step real: start a redis-server (unless `redis.url` is set), start a local
+Ray cluster with its dashboard on 127.0.0.1:8265, generate the simulated world, `serve deploy`
+the config, POST the world's listening events to the gateway over HTTP, then submit the jobs
+to the cluster with `ray job submit` semantics (the Job Submission API): export → content,
+CF and trending in parallel → materialise. Then print where everything is and wait.
+
+Ray 2.60 turns on token authentication by default; this local demo starts the cluster with
+RAY_AUTH_MODE=disabled so the dashboard, `serve` and `ray job submit` work without a token.
+Do not do that on a shared network: use token auth (RAY_AUTH_MODE=token) there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from app.config import Settings, load_settings
+from app.redis_server import EmbeddedRedis, registered_server, stop_registered
+
+log = logging.getLogger("echotune.demo")
+
+ROOT = Path(__file__).resolve().parents[1]
+DASHBOARD = "http://127.0.0.1:8265"
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+def _bin(name: str) -> str:
+    """The `ray`/`serve` console script of this interpreter's environment."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else shutil.which(name) or name
+
+
+def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+    log.info("$ %s", " ".join(cmd))
+    return subprocess.run(cmd, check=check, cwd=ROOT, env=os.environ.copy())
+
+
+def start_ray() -> None:
+    _run(
+        _bin("ray"), "start", "--head",
+        "--dashboard-host=127.0.0.1", "--dashboard-port=8265", "--include-dashboard=true",
+        "--num-cpus=2", "--disable-usage-stats",
+    )
+
+
+def stop_all(settings: Settings) -> None:
+    _run(_bin("serve"), "shutdown", "-y", "--address", DASHBOARD, check=False)
+    _run(_bin("ray"), "stop", "--force", check=False)
+    if stop_registered(settings.paths.redis_dir):
+        log.info("stopped redis-server")
+
+
+def ensure_world(settings: Settings) -> Path:
+    from app.data.world import generate_world
+
+    marker = settings.paths.world_dir / "world-settings.json"
+    wanted = settings.world.model_dump_json()
+    if marker.exists() and marker.read_text() == wanted:
+        log.info("world already generated in %s", settings.paths.world_dir)
+    else:
+        start = time.perf_counter()
+        generate_world(settings.world, settings.paths.world_dir)
+        marker.write_text(wanted)
+        log.info("generated world in %.1fs", time.perf_counter() - start)
+    return settings.paths.world_dir
+
+
+def wait_http(url: str, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url} did not answer 200 within {timeout_s}s")
+
+
+def post_world_events(api: str, world_dir: Path, batch: int) -> int:
+    """The simulated listeners' clients: send every event over HTTP, in batches."""
+    import pandas as pd
+
+    events = pd.read_parquet(world_dir / "events.parquet")
+    events["timestamp"] = events["timestamp"].map(lambda t: t.isoformat())
+    cols = ["event_id", "user_id", "track_id", "event_type", "timestamp", "session_id", "duration_ms", "locale"]
+    cols = [c for c in cols if c in events]
+    accepted = 0
+    with httpx.Client(base_url=api, timeout=60) as client:
+        for start in range(0, len(events), batch):
+            chunk = events.iloc[start : start + batch][cols].to_dict("records")
+            resp = client.post("/v1/events", json={"events": chunk})
+            resp.raise_for_status()
+            accepted += resp.json()["accepted"]
+    return accepted
+
+
+def submit_and_wait(client, names: list[str], config: str) -> dict[str, str]:
+    """Submit jobs at once (so they run in parallel) and wait for all of them."""
+    from ray.job_submission import JobStatus
+
+    ids = {
+        name: client.submit_job(
+            entrypoint=f"{sys.executable} -m jobs.{name} --config {config}",
+            runtime_env={"working_dir": str(ROOT)},
+            submission_id=f"{name}-{int(time.time())}",
+        )
+        for name in names
+    }
+    log.info("submitted %s", ", ".join(ids.values()))
+    done: dict[str, str] = {}
+    while len(done) < len(ids):
+        for name, job_id in ids.items():
+            if name in done:
+                continue
+            status = client.get_job_status(job_id)
+            if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+                done[name] = status.value
+                tail = client.get_job_logs(job_id).strip().splitlines()[-1:]
+                log.info("job %s: %s %s", job_id, status.value, tail[0] if tail else "")
+        time.sleep(1)
+    failed = [n for n, s in done.items() if s != "SUCCEEDED"]
+    if failed:
+        raise RuntimeError(f"jobs failed: {failed}; see {DASHBOARD}/#/jobs")
+    return done
+
+
+def demo(config: str) -> None:
+    from ray.job_submission import JobSubmissionClient
+
+    settings = load_settings(config)
+    t0 = time.perf_counter()
+    redis_proc = None
+    if settings.redis.url is None:
+        if registered_server(settings.paths.redis_dir):
+            raise SystemExit("an embedded Redis from an earlier demo is still running: `make stop` first")
+        redis_proc = EmbeddedRedis(settings.paths.redis_dir, appendonly=settings.redis.appendonly).start()
+        redis_proc.register()
+        log.info("redis-server at %s (data in %s)", redis_proc.url, settings.paths.redis_dir)
+    try:
+        start_ray()
+        world = ensure_world(settings)
+        doc = __import__("yaml").safe_load(Path(config).read_text())
+        api = f"http://{doc['http_options']['host']}:{doc['http_options']['port']}"
+        _run(_bin("serve"), "deploy", config, "--address", DASHBOARD)
+        wait_http(f"{api}/healthz")
+        n = post_world_events(api, world, settings.gateway.max_batch)
+        log.info("posted %d events to %s/v1/events", n, api)
+
+        jobs = JobSubmissionClient(DASHBOARD)
+        submit_and_wait(jobs, ["export_events"], config)
+        submit_and_wait(jobs, ["embed_content", "train_cf", "trending"], config)
+        submit_and_wait(jobs, ["materialize"], config)
+
+        user = _focused_user(world)
+        time.sleep(settings.serving.reload_interval_s + 1)  # replicas pick up the new versions
+        sample = httpx.get(f"{api}/v1/users/{user}/recommendations", params={"k": 5}, timeout=30).json()
+        print(
+            f"\nEchoTune ready in {time.perf_counter() - t0:.0f}s\n"
+            f"  API:        {api}\n"
+            f"  API docs:   {api}/docs\n"
+            f"  Dashboard:  {DASHBOARD}\n"
+            f"  Try:        curl '{api}/v1/users/{user}/recommendations?k=10'\n"
+            f"  Sample:     {json.dumps([(i['track_id'], i['genre'], i['sources']) for i in sample['items']])}\n"
+            "Ctrl-C (or `make stop` from another shell) stops Serve, Ray and Redis.",
+            flush=True,
+        )
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        log.info("stopping")
+        stop_all(settings)
+        if redis_proc is not None:
+            redis_proc.stop()
+
+
+def _focused_user(world: Path) -> str:
+    import pandas as pd
+
+    users = pd.read_parquet(world / "users.parquet")
+    if "taste" in users:
+        users = users.assign(focus=users["taste"].map(max)).sort_values("focus", ascending=False)
+    return str(users["user_id"].iloc[0])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Run or stop the EchoTune demo.")
+    parser.add_argument("action", nargs="?", default="start", choices=["start", "stop"])
+    parser.add_argument("--config", default="ray_config.yaml")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if args.action == "stop":
+        stop_all(load_settings(args.config))
+    else:
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops as cleanly as Ctrl-C
+        demo(args.config)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,365 @@
+"""Contract suite every recommender passes, plus ALS-specific checks and a quality comparison
+against implicit's ALS. No Ray.
+
+    .venv/bin/pytest tests/test_recommenders.py -q
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from app.config import CFSettings
+from training.als import ImplicitALS, half_step, solve_block, training_loss
+from training.popularity import Popularity
+from training.recommender import Recommender
+
+GROUP = 6  # users and items per group
+
+
+def checkerboard() -> sp.csr_matrix:
+    """Two groups of 6 users, each liking its own group of 6 items and nothing else.
+
+    User u has not seen two items of its own group (u % 6 and (u + 1) % 6), which is the known
+    answer for a collaborative model. Group A's items are played twice as hard, so the known
+    answer for popularity is group A's items whatever the user's group.
+    """
+    rows, cols, vals = [], [], []
+    for user in range(2 * GROUP):
+        group = user // GROUP
+        missing = {user % GROUP, (user + 1) % GROUP}
+        for offset in range(GROUP):
+            if offset not in missing:
+                rows.append(user)
+                cols.append(group * GROUP + offset)
+                vals.append(2.0 if group == 0 else 1.0)
+    return sp.csr_matrix((vals, (rows, cols)), shape=(2 * GROUP, 2 * GROUP), dtype=np.float32)
+
+
+def own_group_missing(user: int) -> set[int]:
+    group = user // GROUP
+    return {group * GROUP + user % GROUP, group * GROUP + (user + 1) % GROUP}
+
+
+class RecommenderContract:
+    """Shared tests; a subclass says how to build its model and what the known answers are."""
+
+    def make_model(self) -> Recommender:
+        raise NotImplementedError
+
+    def expected_top2(self, user_items: sp.csr_matrix, user: int) -> set[int]:
+        raise NotImplementedError
+
+    def check_similar(self, item: int, ids: np.ndarray) -> None:
+        raise NotImplementedError
+
+    @pytest.fixture
+    def user_items(self) -> sp.csr_matrix:
+        return checkerboard()
+
+    @pytest.fixture
+    def model(self, user_items) -> Recommender:
+        return self.make_model().fit(user_items)
+
+    def test_known_answer(self, model, user_items):
+        for user in range(user_items.shape[0]):
+            ids, _ = model.recommend(user, user_items, k=2)
+            assert set(ids.tolist()) == self.expected_top2(user_items, user), f"user {user}"
+
+    def test_scores_best_first(self, model, user_items):
+        _, scores = model.recommend(0, user_items, k=8)
+        assert np.all(np.diff(scores) <= 0)
+
+    def test_filter_seen(self, model, user_items):
+        n_items = user_items.shape[1]
+        for user in range(user_items.shape[0]):
+            seen = set(user_items[user].indices.tolist())
+            ids, _ = model.recommend(user, user_items, k=n_items, filter_seen=True)
+            assert not seen & set(ids.tolist())
+            assert len(ids) == n_items - len(seen)
+            ids, _ = model.recommend(user, user_items, k=n_items, filter_seen=False)
+            assert sorted(ids.tolist()) == list(range(n_items))
+
+    def test_zero_weight_counts_as_unseen(self, model, user_items):
+        """An explicit 0 (e.g. a skip weighted 0) is no interaction, as in fit."""
+        coo = user_items.tocoo()
+        with_zero = sp.csr_matrix(
+            (np.append(coo.data, 0.0), (np.append(coo.row, 0), np.append(coo.col, 11))), shape=user_items.shape
+        )
+        assert with_zero.nnz == user_items.nnz + 1  # the zero is stored
+        ids, _ = model.recommend(0, with_zero, k=12)
+        assert 11 in ids
+
+    @pytest.mark.parametrize("filter_seen", [True, False])
+    def test_batch_agrees_with_single(self, model, user_items, filter_seen):
+        users = np.arange(user_items.shape[0])[::-1]
+        batch_ids, batch_scores = model.recommend_batch(users, user_items, k=5, filter_seen=filter_seen)
+        assert batch_ids.shape == batch_scores.shape == (len(users), 5)
+        for row, user in enumerate(users):
+            ids, scores = model.recommend(int(user), user_items, k=5, filter_seen=filter_seen)
+            np.testing.assert_array_equal(batch_ids[row], ids)
+            np.testing.assert_allclose(batch_scores[row], scores, rtol=1e-5)
+
+    def test_batch_pads_when_too_few_items(self, model, user_items):
+        ids, scores = model.recommend_batch(np.array([0, 7]), user_items, k=50)
+        assert ids.shape == (2, user_items.shape[1])
+        for row, user in enumerate([0, 7]):
+            n_seen = user_items[user].nnz
+            assert np.all(ids[row, -n_seen:] == -1) and np.all(np.isneginf(scores[row, -n_seen:]))
+            assert np.all(ids[row, :-n_seen] >= 0)
+
+    def test_candidates_restrict_ranking(self, model, user_items):
+        full, _ = model.recommend(3, user_items, k=12)
+        candidates = np.array([11, 4, 7, 0, 2])  # 0 and 4 are seen by user 3
+        ids, _ = model.recommend(3, user_items, k=12, candidates=candidates)
+        assert ids.tolist() == [i for i in full.tolist() if i in set(candidates.tolist())]
+
+    def test_similar_items(self, model):
+        ids, scores = model.similar_items(0, k=5)
+        assert len(ids) == 5 and 0 not in ids
+        assert np.all(np.diff(scores) <= 0)
+        self.check_similar(0, ids)
+
+    def test_deterministic(self, user_items):
+        a = self.make_model().fit(user_items)
+        b = self.make_model().fit(user_items)
+        users = np.arange(user_items.shape[0])
+        np.testing.assert_array_equal(a.recommend_batch(users, user_items)[0], b.recommend_batch(users, user_items)[0])
+        np.testing.assert_array_equal(a.recommend_batch(users, user_items)[1], b.recommend_batch(users, user_items)[1])
+
+    def test_inputs_not_mutated(self, model, user_items):
+        before = user_items.copy()
+        model.recommend(0, user_items, k=3)
+        model.recommend_batch(np.arange(4), user_items, k=3)
+        model.similar_items(0, k=3)
+        assert (before != user_items).nnz == 0
+        again, _ = model.similar_items(0, k=3)
+        assert 0 not in again
+
+    @pytest.mark.parametrize(
+        "call, message",
+        [
+            (lambda m, r: m.recommend(0, r, k=0), "k must be >= 1"),
+            (lambda m, r: m.recommend(-1, r), "out of range"),
+            (lambda m, r: m.recommend(12, r), "out of range"),
+            (lambda m, r: m.recommend(0, r[:, :5]), "shape"),
+            (lambda m, r: m.recommend(0, r.toarray()), "scipy.sparse"),
+            (lambda m, r: m.recommend(0, -r), "negative"),
+            (lambda m, r: m.recommend(0, r, candidates=np.array([3, 99])), "out of range"),
+            (lambda m, r: m.recommend_batch(np.array([0, 12]), r), "out of range"),
+            (lambda m, r: m.recommend_batch(np.array([0]), r, k=0), "k must be >= 1"),
+            (lambda m, r: m.recommend_batch(np.array([0]), sp.vstack([r, r])), "shape"),
+            (lambda m, r: m.similar_items(12), "out of range"),
+            (lambda m, r: m.similar_items(0, k=-2), "k must be >= 1"),
+        ],
+    )
+    def test_bad_input_raises(self, model, user_items, call, message):
+        with pytest.raises(ValueError, match=message):
+            call(model, user_items)
+
+    def test_fit_rejects_bad_matrix(self, user_items):
+        with pytest.raises(ValueError, match="negative"):
+            self.make_model().fit(-user_items)
+        with pytest.raises(ValueError, match="scipy.sparse"):
+            self.make_model().fit(user_items.toarray())
+        nan = user_items.copy()
+        nan.data[0] = np.nan
+        with pytest.raises(ValueError, match="NaN"):
+            self.make_model().fit(nan)
+
+    def test_not_fitted_raises(self, user_items):
+        model = self.make_model()
+        with pytest.raises(ValueError, match="not fitted"):
+            model.recommend(0, user_items)
+        with pytest.raises(ValueError, match="not fitted"):
+            model.recommend_batch(np.array([0]), user_items)
+        with pytest.raises(ValueError, match="not fitted"):
+            model.similar_items(0)
+
+
+class TestImplicitALS(RecommenderContract):
+    def make_model(self) -> ImplicitALS:
+        return ImplicitALS(factors=4, regularization=0.1, alpha=10.0, iterations=10, cg_steps=3, seed=3)
+
+    def expected_top2(self, user_items, user):
+        return own_group_missing(user)
+
+    def check_similar(self, item, ids):
+        assert set(ids.tolist()) == set(range(GROUP)) - {item}
+
+    def test_factors_shape_dtype(self, model, user_items):
+        assert model.user_factors.shape == (12, 4) and model.user_factors.dtype == np.float32
+        assert model.item_factors.shape == (12, 4) and model.item_factors.dtype == np.float32
+
+    def test_seed_changes_start(self, user_items):
+        a = ImplicitALS(factors=4, iterations=2, seed=0).fit(user_items)
+        b = ImplicitALS(factors=4, iterations=2, seed=1).fit(user_items)
+        assert not np.allclose(a.item_factors, b.item_factors)
+
+    def test_from_settings(self):
+        settings = CFSettings(factors=7, regularization=2.0, alpha=3.0, iterations=4, cg_steps=2, seed=9)
+        model = ImplicitALS.from_settings(settings)
+        assert (model.factors, model.regularization, model.alpha, model.iterations, model.cg_steps, model.seed) == (
+            7, 2.0, 3.0, 4, 2, 9,
+        )
+
+    def test_block_size_does_not_change_result(self, user_items):
+        small = ImplicitALS(factors=4, regularization=0.1, iterations=5, seed=3, block_size=5).fit(user_items)
+        whole = ImplicitALS(factors=4, regularization=0.1, iterations=5, seed=3, block_size=1000).fit(user_items)
+        np.testing.assert_allclose(small.user_factors, whole.user_factors, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(small.item_factors, whole.item_factors, rtol=1e-4, atol=1e-6)
+
+    def test_solve_block_matches_exact_solve_and_is_pure(self):
+        """Enough CG steps reach the closed-form least-squares solution for every row."""
+        rng = np.random.default_rng(0)
+        R = sp.random(30, 40, density=0.2, random_state=1, format="csr", dtype=np.float32)
+        R.data = np.round(R.data * 5)  # counts, some of them explicit zeros
+        Y = rng.standard_normal((40, 5)).astype(np.float32) * 0.3
+        X = rng.standard_normal((30, 5)).astype(np.float32) * 0.01
+        X_before, Y_before = X.copy(), Y.copy()
+        new = solve_block(R, X, Y, Y.T @ Y, regularization=0.5, alpha=4.0, cg_steps=25)
+        np.testing.assert_array_equal(X, X_before)
+        np.testing.assert_array_equal(Y, Y_before)
+        for u in range(30):
+            row = R[u].toarray().ravel().astype(np.float64)
+            c = 1 + 4.0 * row
+            A = (Y.T * c) @ Y + 0.5 * np.eye(5)
+            b = Y.T @ (c * (row > 0))
+            np.testing.assert_allclose(new[u], np.linalg.solve(A, b), rtol=1e-3, atol=1e-4)
+
+    def test_half_steps_reduce_loss(self, user_items):
+        model = ImplicitALS(factors=4, regularization=0.1, alpha=10.0, seed=0)
+        X, Y = model.init_factors(*user_items.shape)
+        losses = [training_loss(user_items, X, Y, 0.1, 10.0)]
+        item_users = user_items.T.tocsr()
+        for _ in range(4):
+            X = half_step(user_items, X, Y, 0.1, 10.0, 3, block_size=4)
+            Y = half_step(item_users, Y, X, 0.1, 10.0, 3, block_size=4)
+            losses.append(training_loss(user_items, X, Y, 0.1, 10.0))
+        assert all(later < earlier for earlier, later in zip(losses, losses[1:]))
+
+    def test_fold_in_reproduces_fitted_users(self, model, user_items):
+        for user in range(user_items.shape[0]):
+            row = user_items[user]
+            vector = model.fold_in(row.indices, row.data)
+            fitted = model.user_factors[user]
+            cosine = vector @ fitted / (np.linalg.norm(vector) * np.linalg.norm(fitted))
+            assert cosine > 0.95, f"user {user}: cosine {cosine:.3f}"
+            scores = model.item_factors @ vector
+            scores[row.indices] = -np.inf
+            assert set(np.argsort(-scores)[:2].tolist()) == own_group_missing(user)
+
+    def test_fold_in_repeats_add_up(self, model):
+        np.testing.assert_allclose(model.fold_in([1, 1, 2]), model.fold_in([1, 2], [2.0, 1.0]), rtol=1e-5)
+
+    def test_fold_in_bad_input(self, model):
+        with pytest.raises(ValueError, match="out of range"):
+            model.fold_in([0, 12])
+        with pytest.raises(ValueError, match="negative"):
+            model.fold_in([0, 1], [1.0, -1.0])
+        with pytest.raises(ValueError, match="shape"):
+            model.fold_in([0, 1], [1.0])
+
+    def test_from_factors(self, model, user_items):
+        clone = ImplicitALS.from_factors(model.user_factors, model.item_factors, regularization=0.1, alpha=10.0)
+        np.testing.assert_array_equal(clone.recommend(2, user_items)[0], model.recommend(2, user_items)[0])
+        np.testing.assert_allclose(clone.fold_in([0, 1]), model.fold_in([0, 1]), rtol=1e-6)
+        with pytest.raises(ValueError, match="disagree"):
+            ImplicitALS.from_factors(model.user_factors, model.item_factors[:, :2])
+
+    @pytest.mark.parametrize(
+        "params", [{"factors": 0}, {"iterations": 0}, {"cg_steps": 0}, {"alpha": 0.0}, {"regularization": -1.0}]
+    )
+    def test_bad_hyperparameters(self, params):
+        with pytest.raises(ValueError, match=next(iter(params))):
+            ImplicitALS(**params)
+
+
+class TestPopularity(RecommenderContract):
+    def make_model(self) -> Popularity:
+        return Popularity()
+
+    def expected_top2(self, user_items, user):
+        totals = np.asarray(user_items.sum(axis=0)).ravel()
+        totals[user_items[user].indices] = -np.inf
+        return set(sorted(range(len(totals)), key=lambda i: (-totals[i], i))[:2])
+
+    def check_similar(self, item, ids):
+        assert set(ids.tolist()) <= set(range(GROUP))  # group A is the popular one
+
+    def test_known_answer_ignores_group(self, model, user_items):
+        ids, _ = model.recommend(7, user_items, k=2)  # a group-B user still gets group A
+        assert set(ids.tolist()) <= set(range(GROUP))
+
+
+# --- quality against implicit ----------------------------------------------------------
+
+
+def low_rank_interactions(n_users=300, n_items=200, rank=4, per_user=20, seed=0):
+    """Users pick items by a softmax over a rank-4 affinity (Gumbel top-k); 20% held out."""
+    rng = np.random.default_rng(seed)
+    affinity = 1.5 * rng.standard_normal((n_users, rank)) @ rng.standard_normal((rank, n_items))
+    picks = np.argsort(affinity + rng.gumbel(size=affinity.shape), axis=1)[:, -per_user:]
+    rows = np.repeat(np.arange(n_users), per_user)
+    cols = picks.ravel()
+    counts = (rng.poisson(2, size=len(rows)) + 1).astype(np.float32)
+    held_out = rng.random(len(rows)) < 0.2
+    train = sp.csr_matrix((counts[~held_out], (rows[~held_out], cols[~held_out])), shape=(n_users, n_items))
+    test = sp.csr_matrix((np.ones(held_out.sum()), (rows[held_out], cols[held_out])), shape=(n_users, n_items))
+    return train, test
+
+
+def precision_at_k(ids: np.ndarray, test: sp.csr_matrix, k: int = 10) -> float:
+    hits = evaluated = 0
+    for user in range(test.shape[0]):
+        truth = set(test[user].indices.tolist())
+        if truth:
+            hits += len(truth & set(ids[user, :k].tolist()))
+            evaluated += k
+    return hits / evaluated
+
+
+def test_quality_comparable_to_implicit(record_property):
+    """Same objective, same hyperparameters: held-out P@10 within a few points of implicit's.
+
+    implicit's confidence is its input scaled by alpha (no +1), so it gets 1 + alpha * R with
+    alpha=1: both libraries then minimise exactly the same loss.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # implicit's BLAS-threads advice
+        implicit_als = pytest.importorskip("implicit.cpu.als")
+        from implicit.cpu import _als
+
+    hp = dict(factors=8, regularization=5.0, iterations=15)
+    alpha = 10.0
+    train, test = low_rank_interactions()
+    users = np.arange(train.shape[0])
+
+    ours = ImplicitALS(**hp, alpha=alpha, cg_steps=3, seed=0).fit(train)
+    ours_ids, _ = ours.recommend_batch(users, train, k=10)
+
+    confidence = train.copy()
+    confidence.data = 1 + alpha * confidence.data
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # implicit's BLAS-threads advice
+        reference = implicit_als.AlternatingLeastSquares(**hp, alpha=1.0, random_state=0, num_threads=1)
+        reference.fit(confidence, show_progress=False)
+    ref_ids, _ = reference.recommend(users, train, N=10, filter_already_liked_items=True)
+
+    popular_ids, _ = Popularity().fit(train).recommend_batch(users, train, k=10)
+    p_ours, p_ref, p_pop = (precision_at_k(ids, test) for ids in (ours_ids, ref_ids, popular_ids))
+    loss_ours = training_loss(train, ours.user_factors, ours.item_factors, hp["regularization"], alpha)
+    loss_ref = training_loss(train, reference.user_factors, reference.item_factors, hp["regularization"], alpha)
+    for name, value in [("p10_ours", p_ours), ("p10_implicit", p_ref), ("p10_popularity", p_pop),
+                        ("loss_ours", loss_ours), ("loss_implicit", loss_ref)]:
+        record_property(name, round(value, 5))
+
+    # Our loss is implicit's loss (same normalisation), checked on the same factors.
+    implicit_loss = _als.calculate_loss(confidence, ours.user_factors, ours.item_factors, hp["regularization"])
+    assert loss_ours == pytest.approx(implicit_loss, rel=1e-4)
+    assert p_ours >= p_ref - 0.03, (p_ours, p_ref)
+    assert p_ours > 1.5 * p_pop, (p_ours, p_pop)
+    assert loss_ours <= 1.05 * loss_ref, (loss_ours, loss_ref)

@@ -43,6 +43,9 @@ class RedisSettings(Strict):
 
 
 class PathSettings(Strict):
+    # Defaults go through the validator too, so `~` is expanded even when the key is omitted.
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
     state_dir: Path = Path("~/.echotune")
     """Where the world, event Parquet, artifacts and the embedded Redis live. Absolute (after
     `~` expansion) so that a job run from `ray job submit --working-dir .` finds the same

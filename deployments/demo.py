@@ -37,6 +37,9 @@ log = logging.getLogger("echotune.demo")
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = "http://127.0.0.1:8265"
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# Processes started by `ray start` (and so the drivers of submitted jobs) inherit this PATH:
+# `ray job submit -- python -m jobs.x` then runs this environment's python, with EchoTune.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 
 def _bin(name: str) -> str:
@@ -58,9 +61,30 @@ def start_ray() -> None:
     )
 
 
-def stop_all(settings: Settings) -> None:
+def stop_demo(settings: Settings, timeout_s: float = 60) -> None:
+    """`make stop`: ask a running demo to shut down in order, then sweep whatever is left."""
+    pid_file = settings.paths.state_dir / "demo.pid"
+    if pid_file.exists():
+        pid = int(pid_file.read_text())
+        try:
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                os.kill(pid, 0)
+                time.sleep(0.5)
+        except ProcessLookupError:
+            pass
+        pid_file.unlink(missing_ok=True)
+    stop_all(settings)
+
+
+def stop_ray() -> None:
     _run(_bin("serve"), "shutdown", "-y", "--address", DASHBOARD, check=False)
     _run(_bin("ray"), "stop", "--force", check=False)
+
+
+def stop_all(settings: Settings) -> None:
+    stop_ray()
     if stop_registered(settings.paths.redis_dir):
         log.info("stopped redis-server")
 
@@ -145,6 +169,9 @@ def demo(config: str) -> None:
 
     settings = load_settings(config)
     t0 = time.perf_counter()
+    settings.paths.state_dir.mkdir(parents=True, exist_ok=True)
+    pid_file = settings.paths.state_dir / "demo.pid"
+    pid_file.write_text(str(os.getpid()))
     redis_proc = None
     if settings.redis.url is None:
         if registered_server(settings.paths.redis_dir):
@@ -186,9 +213,10 @@ def demo(config: str) -> None:
         pass
     finally:
         log.info("stopping")
-        stop_all(settings)
+        stop_ray()
         if redis_proc is not None:
             redis_proc.stop()
+        pid_file.unlink(missing_ok=True)
 
 
 def _focused_user(world: Path) -> str:
@@ -207,7 +235,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if args.action == "stop":
-        stop_all(load_settings(args.config))
+        stop_demo(load_settings(args.config))
     else:
         signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops as cleanly as Ctrl-C
         demo(args.config)

@@ -65,3 +65,7 @@ def test_paths_are_absolute_so_submitted_jobs_find_them():
     settings = settings_from_args({"paths": {"state_dir": "~/x"}})
     assert settings.paths.state_dir.is_absolute()
     assert settings.paths.events_dir == settings.paths.state_dir / "events"
+
+
+def test_default_paths_are_expanded_too():
+    assert "~" not in str(Settings().paths.cache_dir) and Settings().paths.cache_dir.is_absolute()

@@ -48,16 +48,28 @@ def _bin(name: str) -> str:
     return str(local) if local.exists() else shutil.which(name) or name
 
 
-def _run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+def _run(*cmd: str, check: bool = True, timeout: float | None = None) -> subprocess.CompletedProcess | None:
+    """Run a CLI in its own session: Ctrl-C in the demo's terminal must reach the demo, which
+    then stops things in order, not the Ray daemons `ray start` leaves behind."""
     log.info("$ %s", " ".join(cmd))
-    return subprocess.run(cmd, check=check, cwd=ROOT, env=os.environ.copy())
+    try:
+        return subprocess.run(cmd, check=check, cwd=ROOT, env=os.environ.copy(), start_new_session=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        log.warning("%s did not finish within %ss", cmd[0], timeout)
+        return None
 
 
-def start_ray() -> None:
+def ray_temp_dir(settings: Settings) -> Path:
+    """The demo cluster's own session folder. `ray stop` kills every Ray process on the
+    machine; stopping only the processes that name this folder leaves other clusters alone."""
+    return settings.paths.state_dir / "ray"
+
+
+def start_ray(settings: Settings) -> None:
     _run(
         _bin("ray"), "start", "--head",
         "--dashboard-host=127.0.0.1", "--dashboard-port=8265", "--include-dashboard=true",
-        "--num-cpus=2", "--disable-usage-stats",
+        "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={ray_temp_dir(settings)}",
     )
 
 
@@ -78,13 +90,40 @@ def stop_demo(settings: Settings, timeout_s: float = 60) -> None:
     stop_all(settings)
 
 
-def stop_ray() -> None:
-    _run(_bin("serve"), "shutdown", "-y", "--address", DASHBOARD, check=False)
-    _run(_bin("ray"), "stop", "--force", check=False)
+def _cluster_pids(temp_dir: Path) -> list[int]:
+    marker = str(temp_dir).encode()
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit() and int(proc.name) != os.getpid():
+            try:
+                if marker in (proc / "cmdline").read_bytes():
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    return pids
+
+
+def stop_ray(settings: Settings, timeout_s: float = 20) -> None:
+    _run(_bin("serve"), "shutdown", "-y", "--address", DASHBOARD, check=False, timeout=60)
+    temp_dir = ray_temp_dir(settings)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = _cluster_pids(temp_dir)
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + timeout_s
+        while pids and time.monotonic() < deadline:
+            time.sleep(0.5)
+            pids = _cluster_pids(temp_dir)
+        if not pids:
+            log.info("stopped the demo's Ray cluster")
+            return
 
 
 def stop_all(settings: Settings) -> None:
-    stop_ray()
+    stop_ray(settings)
     if stop_registered(settings.paths.redis_dir):
         log.info("stopped redis-server")
 
@@ -116,7 +155,7 @@ def wait_http(url: str, timeout_s: float = 300) -> None:
     raise TimeoutError(f"{url} did not answer 200 within {timeout_s}s")
 
 
-def post_world_events(api: str, world_dir: Path, batch: int) -> int:
+def post_world_events(api: str, world_dir: Path, batch: int, api_key: str) -> int:
     """The simulated listeners' clients: send every event over HTTP, in batches."""
     import pandas as pd
 
@@ -125,7 +164,7 @@ def post_world_events(api: str, world_dir: Path, batch: int) -> int:
     cols = ["event_id", "user_id", "track_id", "event_type", "timestamp", "session_id", "duration_ms", "locale"]
     cols = [c for c in cols if c in events]
     accepted = 0
-    with httpx.Client(base_url=api, timeout=60) as client:
+    with httpx.Client(base_url=api, timeout=60, headers={"Authorization": f"Bearer {api_key}"}) as client:
         for start in range(0, len(events), batch):
             chunk = events.iloc[start : start + batch][cols].to_dict("records")
             resp = client.post("/v1/events", json={"events": chunk})
@@ -180,13 +219,19 @@ def demo(config: str) -> None:
         redis_proc.register()
         log.info("redis-server at %s (data in %s)", redis_proc.url, settings.paths.redis_dir)
     try:
-        start_ray()
+        start_ray(settings)
         world = ensure_world(settings)
         doc = __import__("yaml").safe_load(Path(config).read_text())
         api = f"http://{doc['http_options']['host']}:{doc['http_options']['port']}"
         _run(_bin("serve"), "deploy", config, "--address", DASHBOARD)
         wait_http(f"{api}/healthz")
-        n = post_world_events(api, world, settings.gateway.max_batch)
+        # The demo's own client key (ingest + read); operators make theirs with `echotune keys create`.
+        from app.events.auth import ApiKeyStore
+        from app.keys import Keys
+        from app.redis_server import connect
+
+        api_key = ApiKeyStore(connect(settings), Keys(settings.redis.key_prefix)).create({"ingest", "read"}, name="demo").token
+        n = post_world_events(api, world, settings.gateway.max_batch, api_key)
         log.info("posted %d events to %s/v1/events", n, api)
 
         jobs = JobSubmissionClient(DASHBOARD)
@@ -196,13 +241,13 @@ def demo(config: str) -> None:
 
         user = _focused_user(world)
         time.sleep(settings.serving.reload_interval_s + 1)  # replicas pick up the new versions
-        sample = httpx.get(f"{api}/v1/users/{user}/recommendations", params={"k": 5}, timeout=30).json()
+        sample = httpx.get(f"{api}/v1/users/{user}/recommendations", params={"k": 5}, timeout=30, headers={"Authorization": f"Bearer {api_key}"}).json()
         print(
             f"\nEchoTune ready in {time.perf_counter() - t0:.0f}s\n"
             f"  API:        {api}\n"
             f"  API docs:   {api}/docs\n"
             f"  Dashboard:  {DASHBOARD}\n"
-            f"  Try:        curl '{api}/v1/users/{user}/recommendations?k=10'\n"
+            f"  Try:        curl -H 'Authorization: Bearer {api_key}' '{api}/v1/users/{user}/recommendations?k=10'\n"
             f"  Sample:     {json.dumps([(i['track_id'], i['genre'], i['sources']) for i in sample['items']])}\n"
             "Ctrl-C (or `make stop` from another shell) stops Serve, Ray and Redis.",
             flush=True,
@@ -213,7 +258,7 @@ def demo(config: str) -> None:
         pass
     finally:
         log.info("stopping")
-        stop_ray()
+        stop_ray(settings)
         if redis_proc is not None:
             redis_proc.stop()
         pid_file.unlink(missing_ok=True)

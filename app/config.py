@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 APP_NAME = "echotune"
 
@@ -74,6 +74,11 @@ class PathSettings(Strict):
     def redis_dir(self) -> Path:
         return self.state_dir / "redis"
 
+    @property
+    def features_dir(self) -> Path:
+        """Offline feature snapshots, one per materialisation (point-in-time retrieval, parity)."""
+        return self.state_dir / "features"
+
 
 class WorldSettings(Strict):
     """The simulated music world: catalogue, audio, listeners and their sessions."""
@@ -116,6 +121,69 @@ class GatewaySettings(Strict):
     """Events stamped further than this in the future are rejected (clock skew allowance)."""
     max_age_days: float = Field(3650.0, gt=0)
     """Events older than this are rejected. Generous by default so simulated history loads."""
+    max_body_bytes: int = Field(2_000_000, ge=1)
+    """Largest POST body accepted (413 above it), checked before the events are parsed."""
+    dedup_window_s: int = Field(7 * 24 * 3600, ge=1)
+    """How long an `event_id` is remembered: a retry within this window is a duplicate."""
+    session_gap_s: float = Field(1800.0, gt=0)
+    """Inactivity (event time) after which a user's next event starts a new session."""
+    unavailable_retry_after_s: int = Field(1, ge=1)
+    """`Retry-After` sent with the 503 answered when Redis cannot be reached."""
+
+
+class ScopeLimit(Strict):
+    """One token bucket: `burst` requests at once, refilled at `rate_per_s`."""
+
+    rate_per_s: float = Field(gt=0)
+    """Sustained requests per second a key may make under this scope."""
+    burst: int = Field(ge=1)
+    """Bucket size: requests a key may make at once after being idle."""
+
+
+class AuthSettings(Strict):
+    """API keys (scopes ingest, read, admin), stored as salted hashes in Redis."""
+
+    enabled: bool = True
+    """Off only for local experiments: every route except health and docs then needs no key."""
+    cache_ttl_s: float = Field(2.0, ge=0)
+    """How long a replica trusts a key record it read; a revoked key stops working after at
+    most this long. 0: read Redis on every request."""
+
+
+class RateLimitSettings(Strict):
+    """Per-key token buckets in Redis (one atomic Lua script), exact across replicas."""
+
+    ingest: ScopeLimit = ScopeLimit(rate_per_s=200.0, burst=400)
+    """Limit of a key on routes that need the ingest scope (POST /v1/events)."""
+    read: ScopeLimit = ScopeLimit(rate_per_s=100.0, burst=200)
+    """Limit of a key on routes that need the read scope (GET routes)."""
+    admin: ScopeLimit = ScopeLimit(rate_per_s=10.0, burst=20)
+    """Limit of a key on admin routes."""
+
+
+class ConsumerSettings(Strict):
+    """Consumer group applying the online updates serving needs (jobs/consume_events.py)."""
+
+    group: str = "online-updates"
+    """Consumer group name on the event stream."""
+    consumers: int = Field(2, ge=1)
+    """Consumer actors started by `jobs.consume_events`."""
+    batch_size: int = Field(200, ge=1)
+    """Entries read per XREADGROUP."""
+    block_ms: int = Field(1000, ge=0)
+    """How long a read waits for new entries before the consumer checks for stale pending ones."""
+    max_attempts: int = Field(5, ge=1)
+    """Attempts for a transient failure before the event is dead-lettered."""
+    backoff_base_s: float = Field(0.05, ge=0)
+    """First retry delay; doubles per attempt, with full jitter."""
+    backoff_max_s: float = Field(2.0, ge=0)
+    """Cap on one retry delay."""
+    claim_idle_ms: int = Field(30_000, ge=1)
+    """Pending entries idle this long (their consumer is presumed dead) are claimed (XAUTOCLAIM)."""
+    max_deliveries: int = Field(10, ge=1)
+    """An entry delivered this many times (it keeps killing consumers) is dead-lettered."""
+    recent_plays: int = Field(50, ge=1)
+    """Most recent plays kept per user in the online list."""
 
 
 class CFSettings(Strict):
@@ -137,6 +205,17 @@ class CFSettings(Strict):
         default_factory=lambda: {"play": 1.0, "like": 4.0, "skip": 0.0, "dislike": 0.0}
     )
     """Weight of each event type in the interaction matrix; unlisted types count 0."""
+    ray_workers: int = Field(2, ge=0)
+    """Ray actors that solve ALS half-steps (each owns a shard of users and items); 0 fits in
+    the job's driver process instead."""
+    ray_cpus_per_worker: float = Field(0.5, ge=0)
+    """CPUs each ALS actor reserves: 1 on a dedicated cluster; a fraction on a small machine
+    where CF shares cores with the content and trending jobs."""
+    block_size: int = Field(4096, ge=1)
+    """Rows solved per vectorised block inside a worker: bounds memory, not the result."""
+    eval_fraction: float = Field(0.2, ge=0, lt=1)
+    """Share of interactions held out (protocol a) to measure the model before publishing;
+    its metrics go into the manifest. 0 skips the evaluation fit."""
 
 
 class ContentSettings(Strict):
@@ -154,6 +233,11 @@ class ContentSettings(Strict):
     """Feature-extraction actors."""
     cpus_per_actor: float = Field(0.5, gt=0)
     """CPUs each extraction actor reserves; below 1 so CF and trending can run beside it."""
+    catalog_path: Path | None = None
+    """Track catalogue Parquet (track_id, audio_path, artist_id, album, genres, release_year,
+    duration_ms, explicit). None: the simulated world's tracks.parquet."""
+    fit_sample_size: int = Field(20000, ge=1)
+    """Most tracks the scaler and PCA are fitted on (a seeded random sample); all are embedded."""
 
 
 class TrendingSettings(Strict):
@@ -167,25 +251,187 @@ class TrendingSettings(Strict):
     """Tracks kept in the trending list."""
     event_weights: dict[str, float] = Field(default_factory=lambda: {"play": 1.0, "like": 2.0})
     """Weight of each event type in trending counts."""
+    baseline: Literal["recent", "day_of_week"] = "recent"
+    """`recent`: the baseline_hours just before the window. `day_of_week`: the same hours of
+    the week as the window, baseline_weeks weeks back (weekly rhythms cancel out)."""
+    baseline_weeks: int = Field(1, ge=1)
+    """Weeks of history in day_of_week mode (the job then reads that many weeks of events)."""
+    prior_plays: float = Field(3.0, gt=0)
+    """Weight of the catalogue prior in pseudo-plays: how much a track without history is
+    assumed to play like an average track."""
+    false_trends_per_run: float = Field(0.002, gt=0)
+    """Nominal expected false trends per run (Bonferroni budget): sets the significance a
+    track needs. Real plays have heavier tails than the model, so the measured rate is higher
+    (0.002 gave about 0.3 false trends per run on simulated worlds; see benchmarks/trending.py)."""
+    smoothing_half_life_hours: float = Field(6.0, ge=0)
+    """Half-life of the exponential smoothing of scores across runs (0: no smoothing)."""
+    max_per_artist: int = Field(2, ge=1)
+    """Most tracks by one artist in a trending list."""
+    max_per_genre: int = Field(10, ge=1)
+    """Most tracks of one genre in the global and per-locale lists."""
+    category_caps: dict[str, int] = Field(
+        default_factory=lambda: {"music": 50, "podcast": 5, "audiobook": 5, "other": 5}
+    )
+    """Most tracks per category in a list; categories not listed use the `other` cap."""
+    ttl_s: int = Field(2 * 24 * 3600, ge=60)
+    """Lifetime of the published Redis lists: stale trends vanish if the job stops running."""
+
+
+SOURCES = ("cf", "content", "trending", "new_releases", "popular")
+"""Candidate sources the serving DAG knows; any other name in the config is an error."""
+
+
+def _check_sources(names, where: str) -> None:
+    unknown = sorted(set(names) - set(SOURCES))
+    if unknown:
+        raise ValueError(f"unknown candidate source(s) {unknown} in {where}; known: {list(SOURCES)}")
 
 
 class ServingSettings(Strict):
     candidates: int = Field(200, ge=1)
     """Candidates pulled from each source before blending."""
     source_weights: dict[str, float] = Field(
-        default_factory=lambda: {"cf": 1.0, "content": 0.5, "trending": 0.2, "popular": 0.1}
+        default_factory=lambda: {"cf": 1.0, "content": 0.5, "trending": 0.2, "new_releases": 0.1, "popular": 0.1}
     )
-    """Blend weight per candidate source; sources absent here are not used."""
+    """Blend weight per candidate source (casual listeners, and any segment not listed below)."""
+    segment_weights: dict[Literal["new", "casual", "heavy"], dict[str, float]] = Field(
+        default_factory=lambda: {
+            "new": {"cf": 0.3, "content": 0.8, "trending": 0.5, "new_releases": 0.2, "popular": 0.4},
+            "heavy": {"cf": 1.0, "content": 0.3, "trending": 0.1, "new_releases": 0.1, "popular": 0.05},
+        }
+    )
+    """Blend weights for a user segment, replacing source_weights for it: new listeners lean on
+    content and trending, heavy listeners on CF."""
+    casual_from_plays: int = Field(5, ge=0)
+    """Plays from which a listener counts as casual rather than new."""
+    heavy_from_plays: int = Field(100, ge=1)
+    """Plays from which a listener counts as heavy."""
+    recency_weight: float = Field(0.15, ge=0)
+    """Weight of the recency boost added to the blended score."""
+    recency_half_life_days: float = Field(30.0, gt=0)
+    """Age at which a track's recency boost has halved."""
+    new_release_days: float = Field(30.0, gt=0)
+    """Tracks released within this many days form the new_releases source."""
     mmr_lambda: float = Field(0.8, ge=0, le=1)
     """MMR trade-off: 1 is pure relevance, 0 pure diversity."""
     artist_cap: int = Field(2, ge=1)
     """Most tracks by one artist in a response."""
+    genre_max_share: float = Field(0.8, gt=0, le=1)
+    """Genre balance: at most this share of a response from one genre."""
+    heard_filter_days: float = Field(30.0, ge=0)
+    """Tracks the user played within this many days are not recommended."""
+    fallback_chain: list[str] = Field(default_factory=lambda: ["cf", "content", "trending", "new_releases", "popular"])
+    """Sources in order of preference; when the blend yields fewer than k tracks, the list is
+    filled from them in this order. Every name must be a known source."""
     recent_plays: int = Field(20, ge=0)
     """Recent plays kept per user for content neighbours and freshness."""
     max_k: int = Field(200, ge=1)
     """Largest k a client may ask for."""
     reload_interval_s: float = Field(10.0, gt=0)
     """How often a replica checks for newly published model versions."""
+
+    @model_validator(mode="after")
+    def _known_sources(self) -> "ServingSettings":
+        _check_sources(self.source_weights, "serving.source_weights")
+        for segment, weights in self.segment_weights.items():
+            _check_sources(weights, f"serving.segment_weights.{segment}")
+        _check_sources(self.fallback_chain, "serving.fallback_chain")
+        if self.heavy_from_plays <= self.casual_from_plays:
+            raise ValueError("serving.heavy_from_plays must be above casual_from_plays")
+        return self
+
+    def weights_for(self, segment: str) -> dict[str, float]:
+        return self.segment_weights.get(segment, self.source_weights)
+
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+class FeatureStoreSettings(Strict):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    repo_dir: Path = Path("feature_repo")
+    """Folder of feature-view YAML files; relative paths are relative to the project root."""
+    write_concurrency: int = Field(2, ge=1)
+    """Ray Data writer tasks materialising into Redis at once (bounds the load on Redis)."""
+    write_batch_size: int = Field(500, ge=1)
+    """Rows per pipelined write."""
+    snapshot_entries: int = Field(10_000, ge=0)
+    """Entities each serving replica remembers for degraded mode (Redis unreachable)."""
+    old_namespace_grace_s: int = Field(600, ge=0)
+    """Seconds a replaced namespace stays readable after the switch, for in-flight readers."""
+    parity_sample: int = Field(200, ge=1)
+    """Entities per view the parity check compares online against offline."""
+
+    @field_validator("repo_dir")
+    @classmethod
+    def _resolve(cls, value: Path) -> Path:
+        return value if value.is_absolute() else PROJECT_ROOT / value
+
+
+class WebSettings(Strict):
+    """The PWA served under /app and its demo sign-in."""
+
+    demo_sign_in: bool = False
+    """Let anyone get a short-lived ingest+read API key for a listener id (POST
+    /v1/web/sign-in), rate limited per client address like an admin key. For local demos only;
+    on a shared network hand out keys with `echotune keys create` instead."""
+    demo_key_ttl_s: int = Field(24 * 3600, ge=60)
+    """Lifetime of a key minted by the demo sign-in; the key record expires in Redis."""
+
+
+class PushSettings(Strict):
+    """Web push (RFC 8030/8291/8292): subscriptions in Redis, `jobs.notify` sends."""
+
+    vapid_key_path: Path | None = None
+    """PEM file of the VAPID private key (`echotune push keys` creates it). None:
+    `<paths.state_dir>/push/vapid_private.pem`."""
+    vapid_subject: str = Field("mailto:ops@echotune.invalid", pattern=r"^(mailto:|https://)")
+    """Contact the push services see in the VAPID claims (`sub`): a mailto: or https: URL."""
+    endpoint_hosts: list[str] = Field(
+        default_factory=lambda: ["fcm.googleapis.com", "push.services.mozilla.com", "notify.windows.com", "push.apple.com"]
+    )
+    """Hosts (or parent domains) a subscription endpoint may point at: the server POSTs to
+    it, so an open list would let anyone aim the notifier at internal addresses. https only,
+    except for loopback hosts listed here (tests)."""
+    max_subscriptions_per_user: int = Field(10, ge=1)
+    """Devices one listener may subscribe; the oldest is replaced beyond this."""
+    max_per_day: int = Field(2, ge=0)
+    """Frequency cap: notifications one listener receives in any 24 hours (all devices count once)."""
+    min_interval_s: int = Field(4 * 3600, ge=0)
+    """Frequency cap: least time between two notifications to one listener."""
+    quiet_start_hour: int = Field(22, ge=0, le=23)
+    """Quiet hours start (local hour in the listener's time zone): nothing is sent from here..."""
+    quiet_end_hour: int = Field(8, ge=0, le=23)
+    """...until this local hour. Equal start and end: no quiet hours."""
+    trending_depth: int = Field(10, ge=1)
+    """How far down a genre's trending list a track counts as "new trending in your genre"."""
+    message_ttl_s: int = Field(24 * 3600, ge=0)
+    """How long a push service keeps an undelivered message (the `TTL` header)."""
+    request_timeout_s: float = Field(10.0, gt=0)
+    """Timeout of one request to a push service."""
+
+
+class ExperimentSettings(Strict):
+    """Online experiments: assignment in the serving path and the evaluator's statistics."""
+
+    refresh_interval_s: float = Field(2.0, gt=0)
+    """How often a replica re-reads experiment definitions and kill switches: a stopped
+    experiment or rolled-back variant stops being assigned within about this long."""
+    log_exposures: bool = True
+    """Append an impression event per recommended track (with experiment and variant) for
+    users in an experiment; the evaluator counts exposures from these."""
+    alpha: float = Field(0.05, gt=0, lt=1)
+    """Significance level of the evaluator's tests and confidence intervals (1 - alpha)."""
+    correction: Literal["holm", "bh"] = "holm"
+    """Multiplicity correction across an experiment's metrics: Holm (family-wise error) or
+    Benjamini-Hochberg (false discovery rate)."""
+    pre_period_days: float = Field(7.0, ge=0)
+    """Days before a user's first exposure used as the CUPED covariate (0: no CUPED)."""
+    srm_p_value: float = Field(0.001, gt=0, lt=1)
+    """A sample-ratio chi-square p-value below this flags the split as untrustworthy."""
+    auto_rollback: bool = True
+    """The evaluator sets a variant's kill switch in Redis when a critical guardrail breaks."""
 
 
 class Settings(Strict):
@@ -195,10 +441,17 @@ class Settings(Strict):
     paths: PathSettings = PathSettings()
     world: WorldSettings = WorldSettings()
     gateway: GatewaySettings = GatewaySettings()
+    auth: AuthSettings = AuthSettings()
+    rate_limit: RateLimitSettings = RateLimitSettings()
+    consumer: ConsumerSettings = ConsumerSettings()
     cf: CFSettings = CFSettings()
     content: ContentSettings = ContentSettings()
     trending: TrendingSettings = TrendingSettings()
     serving: ServingSettings = ServingSettings()
+    features: FeatureStoreSettings = FeatureStoreSettings()
+    web: WebSettings = WebSettings()
+    push: PushSettings = PushSettings()
+    experiments: ExperimentSettings = ExperimentSettings()
 
 
 class ConfigError(ValueError):

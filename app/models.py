@@ -27,10 +27,22 @@ class ModelBundle:
     embeddings: np.ndarray
     item_factors: np.ndarray | None
     versions: dict[str, str]
+    release_ms: np.ndarray = field(default_factory=lambda: np.empty(0))
+    """Release time per track (epoch ms, NaN when unknown): recency boost and new releases."""
+    explicit: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=bool))
+    cf_params: dict = field(default_factory=dict)
+    """The CF model's regularization and alpha: a fold-in must use what training used."""
+    popular: list[tuple[str, float]] = field(default_factory=list)
+    """Popular tracks from the trending artifact: the last-resort list when Redis is down."""
     index: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.index = {t: i for i, t in enumerate(self.track_ids.tolist())}
+        n = len(self.track_ids)
+        if len(self.release_ms) != n:
+            self.release_ms = np.full(n, np.nan)
+        if len(self.explicit) != n:
+            self.explicit = np.zeros(n, dtype=bool)
 
     def indices(self, track_ids) -> np.ndarray:
         return np.fromiter((self.index[t] for t in track_ids if t in self.index), dtype=np.int64)
@@ -44,6 +56,7 @@ class ModelBundle:
         embeddings = np.load(content.file("embeddings.npy"))
         versions = {"content": content.version}
         item_factors = None
+        cf_params: dict = {}
         cf = store.latest("cf")
         if cf is not None:
             cf_items = pd.read_parquet(cf.file("items.parquet"))["track_id"].to_numpy()
@@ -53,9 +66,13 @@ class ModelBundle:
             pos = pd.Index(tracks["track_id"]).get_indexer(cf_items)
             item_factors[pos[pos >= 0]] = factors[pos >= 0]
             versions["cf"] = cf.version
-        trending = store.latest_version("trending")
-        if trending:
-            versions["trending"] = trending
+            cf_params = {k: cf.manifest.get("params", {}).get(k) for k in ("regularization", "alpha")}
+        popular: list[tuple[str, float]] = []
+        trending = store.latest("trending")
+        if trending is not None:
+            versions["trending"] = trending.version
+            top = pd.read_parquet(trending.file("popular.parquet")).head(500)
+            popular = list(zip(top["track_id"].tolist(), top["score"].astype(float).tolist()))
         return cls(
             track_ids=tracks["track_id"].to_numpy(dtype=object),
             artists=tracks["artist_id"].to_numpy(dtype=object),
@@ -63,7 +80,19 @@ class ModelBundle:
             embeddings=embeddings.astype(np.float32),
             item_factors=item_factors,
             versions=versions,
+            popular=popular,
+            cf_params={k: v for k, v in cf_params.items() if v is not None},
+            release_ms=_release_ms(tracks),
+            explicit=tracks["explicit"].fillna(False).to_numpy(dtype=bool) if "explicit" in tracks else np.zeros(len(tracks), bool),
         )
+
+
+def _release_ms(tracks: pd.DataFrame) -> np.ndarray:
+    if "release_date" not in tracks:
+        return np.full(len(tracks), np.nan)
+    dates = pd.to_datetime(tracks["release_date"], utc=True)
+    ms = (dates - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(milliseconds=1)
+    return ms.astype("float64").to_numpy()
 
 
 class ModelCache:

@@ -1,21 +1,36 @@
 """The recommendation steps as plain functions; the Serve deployments are thin shells around
 them. Inputs are the user's online features and the in-memory model bundle.
 
-    fetch (FeatureFetcher) -> blend_candidates (Blender) -> rerank_candidates (Reranker)
+    FeatureFetcher ──▶ CF retrieval ─┐
+                   └─▶ content       ├─▶ blend_candidates (+ trending, new releases,
+                                     │   popular, segment weights, recency, filters)
+                                     └─▶ rerank_candidates (MMR, artist cap, genre balance,
+                                         fallback fill)
+
+Retrieval functions take a batch of requests, so a deployment using `@serve.batch` turns many
+users into one matrix product.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from app.config import ServingSettings
 from app.models import ModelBundle
+from app.prefs import UserPrefs
 from app.ranking.blend import blend_scores
+from app.ranking.filters import allowed
+from app.ranking.recency import MS_PER_DAY, recency_boost
 from app.ranking.rerank import mmr_rerank
-from app.ranking.retrieval import cf_candidates, content_candidates
+from app.ranking.retrieval import top_k
+from app.ranking.segments import user_segment
 from app.schemas import RecommendedTrack
+
+RECENCY_REASON_MIN = 0.5
+"""A recency boost at least this large (of its maximum) is reported as a reason."""
 
 
 @dataclass
@@ -25,9 +40,34 @@ class UserFeatures:
     cf_vector: np.ndarray | None = None
     recent_tracks: list[str] = field(default_factory=list)
     seen_tracks: list[str] = field(default_factory=list)
+    heard_recently: list[str] = field(default_factory=list)
+    online_recent: list[str] = field(default_factory=list)
+    """Plays the event consumer has seen, newest first, possibly newer than the last training."""
+    n_plays: int = 0
+    prefs: UserPrefs = field(default_factory=UserPrefs)
     trending: list[tuple[str, float]] = field(default_factory=list)
     popular: list[tuple[str, float]] = field(default_factory=list)
     feature_version: str | None = None
+    stale: bool = False
+    """Features came from the replica's local snapshot because the online store was down."""
+
+    @property
+    def fresh_plays(self) -> list[str]:
+        """Plays not yet reflected in the materialised history: they drive the fold-in."""
+        seen = set(self.seen_tracks)
+        return [t for t in self.online_recent if t not in seen]
+
+    @property
+    def exclude(self) -> set[str]:
+        return set(self.heard_recently) | set(self.online_recent)
+
+
+@dataclass
+class Retrieved:
+    """One source's candidates for one user, by track id (ids survive a model reload)."""
+
+    track_ids: list[str]
+    scores: np.ndarray
 
 
 @dataclass
@@ -36,90 +76,206 @@ class Blended:
     cold_start: bool
     track_ids: list[str]
     scores: np.ndarray
-    sources: list[list[str]]
+    reasons: list[list[str]]
     versions: dict[str, str]
+    segment: str = "new"
+    degraded: bool = False
 
 
-def _ranked_list(bundle: ModelBundle, ranked: list[tuple[str, float]], exclude: set[int]):
-    idx = [(bundle.index[t], s) for t, s in ranked if t in bundle.index and bundle.index[t] not in exclude]
-    if not idx:
+def _exclude_idx(bundle: ModelBundle, features: UserFeatures) -> np.ndarray:
+    return bundle.indices(features.exclude)
+
+
+def retrieve_cf(
+    batch: list[tuple[UserFeatures, np.ndarray | None]], bundle: ModelBundle | None, n: int
+) -> list[Retrieved]:
+    """CF top-n for a batch of users: one (users x factors) @ (factors x items) product.
+
+    Each entry carries the user's vector to use (the trained one, or a fresh fold-in computed
+    by the caller); users without one get no CF candidates.
+    """
+    out = [Retrieved([], np.empty(0)) for _ in batch]
+    if bundle is None or bundle.item_factors is None:
+        return out
+    rows = [i for i, (_, vec) in enumerate(batch) if vec is not None]
+    if not rows:
+        return out
+    users = np.stack([np.asarray(batch[i][1], dtype=np.float32) for i in rows])
+    scores = users @ bundle.item_factors.T
+    for row, i in enumerate(rows):
+        idx, s = top_k(scores[row], n, _exclude_idx(bundle, batch[i][0]))
+        out[i] = Retrieved(bundle.track_ids[idx].tolist(), s)
+    return out
+
+
+def retrieve_content(batch: list[UserFeatures], bundle: ModelBundle | None, n: int) -> list[Retrieved]:
+    """Nearest neighbours of each user's recent plays (centroid of unit-norm embeddings)."""
+    out = [Retrieved([], np.empty(0)) for _ in batch]
+    if bundle is None:
+        return out
+    centroids, rows = [], []
+    for i, features in enumerate(batch):
+        recent = bundle.indices(features.online_recent[:5] + features.recent_tracks)
+        if len(recent):
+            c = bundle.embeddings[recent].mean(axis=0)
+            norm = np.linalg.norm(c)
+            if norm > 0:
+                centroids.append(c / norm)
+                rows.append(i)
+    if not rows:
+        return out
+    sims = np.stack(centroids) @ bundle.embeddings.T
+    for row, i in enumerate(rows):
+        idx, s = top_k(sims[row], n, _exclude_idx(bundle, batch[i]))
+        out[i] = Retrieved(bundle.track_ids[idx].tolist(), s)
+    return out
+
+
+def new_releases(bundle: ModelBundle, now_ms: int, days: float, n: int) -> Retrieved:
+    fresh = np.flatnonzero(bundle.release_ms >= now_ms - days * MS_PER_DAY)
+    order = fresh[np.argsort(-bundle.release_ms[fresh], kind="stable")][:n]
+    return Retrieved(bundle.track_ids[order].tolist(), bundle.release_ms[order].astype(np.float64))
+
+
+def _as_indices(bundle: ModelBundle, retrieved: Retrieved) -> tuple[np.ndarray, np.ndarray]:
+    pairs = [(bundle.index[t], s) for t, s in zip(retrieved.track_ids, np.asarray(retrieved.scores).tolist()) if t in bundle.index]
+    if not pairs:
         return np.empty(0, dtype=np.int64), np.empty(0)
-    items, scores = zip(*idx)
-    return np.asarray(items, dtype=np.int64), np.asarray(scores)
+    idx, scores = zip(*pairs)
+    return np.asarray(idx, dtype=np.int64), np.asarray(scores, dtype=np.float64)
 
 
-def blend_candidates(features: UserFeatures, bundle: ModelBundle | None, settings: ServingSettings) -> Blended:
-    """Retrieve from every source, then blend. A user the models do not know is a cold start:
-    only the popular and trending sources can speak for them."""
+def _ranked(items: list[tuple[str, float]]) -> Retrieved:
+    return Retrieved([t for t, _ in items], np.asarray([s for _, s in items], dtype=np.float64))
+
+
+def blend_candidates(
+    features: UserFeatures,
+    bundle: ModelBundle | None,
+    settings: ServingSettings,
+    cf: Retrieved | None = None,
+    content: Retrieved | None = None,
+    now_ms: int | None = None,
+) -> Blended:
+    """Blend every source with the user's segment weights, add the recency boost, apply the
+    hard filters. A user the models know nothing about is a cold start: only trending, new
+    releases and popular can speak for them."""
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     versions = {"features": features.feature_version} if features.feature_version else {}
+    cold = features.cf_vector is None and not features.recent_tracks and not features.online_recent
+    segment = user_segment(features.n_plays, settings.casual_from_plays, settings.heavy_from_plays)
     if bundle is None:
         # Nothing published yet: popularity straight from the feature store.
-        ids = [t for t, _ in features.popular]
-        return Blended(features.user_id, True, ids, np.asarray([s for _, s in features.popular]), [["popular"]] * len(ids), versions)
+        items = [(t, s) for t, s in features.popular if t not in features.prefs.blocked_tracks]
+        return Blended(
+            features.user_id, True, [t for t, _ in items], np.asarray([s for _, s in items]),
+            [["popular"] for _ in items], versions, segment, features.stale,
+        )
 
-    seen = bundle.indices(features.seen_tracks)
-    exclude = set(seen.tolist())
     n = settings.candidates
-    sources: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    cold = features.cf_vector is None and not features.recent_tracks
-    if features.cf_vector is not None and bundle.item_factors is not None:
-        sources["cf"] = cf_candidates(features.cf_vector, bundle.item_factors, n, seen)
-    recent = bundle.indices(features.recent_tracks)
-    if len(recent):
-        sources["content"] = content_candidates(recent, bundle.embeddings, n, seen)
-    sources["trending"] = _ranked_list(bundle, features.trending, exclude)
-    sources["popular"] = _ranked_list(bundle, features.popular, exclude)
-    items, scores, reasons = blend_scores(sources, settings.source_weights)
-    items, scores = items[:n], scores[:n]
+    sources = {
+        "cf": cf or Retrieved([], np.empty(0)),
+        "content": content or Retrieved([], np.empty(0)),
+        "trending": _ranked(features.trending),
+        "new_releases": new_releases(bundle, now_ms, settings.new_release_days, n),
+        # The replica's own popular list stands in when the feature store had none to give.
+        "popular": _ranked(features.popular or bundle.popular),
+    }
+    items, scores, reasons = blend_scores(
+        {name: _as_indices(bundle, r) for name, r in sources.items()}, settings.weights_for(segment)
+    )
+    if len(items) and settings.recency_weight > 0:
+        boost = recency_boost(bundle.release_ms[items], now_ms, settings.recency_half_life_days)
+        scores = scores + settings.recency_weight * boost
+        for item, b in zip(items.tolist(), boost.tolist()):
+            if b >= RECENCY_REASON_MIN:
+                reasons[item] = reasons[item] + ["recency_boost"]
+        order = np.argsort(-scores, kind="stable")
+        items, scores = items[order], scores[order]
+    keep = allowed(
+        bundle.track_ids[items],
+        bundle.artists[items],
+        bundle.explicit[items],
+        always_exclude=features.exclude,
+        blocked_tracks=features.prefs.blocked_tracks,
+        blocked_artists=features.prefs.blocked_artists,
+        allow_explicit=features.prefs.allow_explicit,
+    )
+    items, scores = items[keep][: 2 * n], scores[keep][: 2 * n]
     return Blended(
         user_id=features.user_id,
         cold_start=cold,
         track_ids=bundle.track_ids[items].tolist(),
         scores=scores,
-        sources=[reasons[i] for i in items.tolist()],
+        reasons=[reasons[i] for i in items.tolist()],
         versions={**bundle.versions, **versions},
+        segment=segment,
+        degraded=features.stale,
     )
 
 
 def rerank_candidates(blended: Blended, bundle: ModelBundle | None, k: int, settings: ServingSettings) -> list[RecommendedTrack]:
+    """MMR over the content embeddings with the artist cap and genre balance. If the caps leave
+    the list short, it is filled from the remaining candidates in fallback-chain order."""
     if bundle is None or not blended.track_ids:
         return [
-            RecommendedTrack(track_id=t, score=float(s), sources=src)
-            for t, s, src in zip(blended.track_ids[:k], blended.scores[:k], blended.sources[:k])
+            RecommendedTrack(track_id=t, score=float(s), sources=r)
+            for t, s, r in zip(blended.track_ids[:k], blended.scores[:k], blended.reasons[:k])
         ]
     idx = bundle.indices(blended.track_ids)
+    genre_cap = max(1, int(np.floor(settings.genre_max_share * k)))
     order = mmr_rerank(
-        blended.scores,
-        bundle.embeddings[idx],
-        k,
-        settings.mmr_lambda,
-        artists=bundle.artists[idx],
-        artist_cap=settings.artist_cap,
-    )
-    return [
-        RecommendedTrack(
-            track_id=blended.track_ids[p],
-            score=float(blended.scores[p]),
-            sources=blended.sources[p],
-            artist_id=bundle.artists[idx[p]],
-            genre=bundle.genres[idx[p]],
+        blended.scores, bundle.embeddings[idx], k, settings.mmr_lambda,
+        artists=bundle.artists[idx], artist_cap=settings.artist_cap,
+        genres=bundle.genres[idx], genre_cap=genre_cap,
+    ).tolist()
+    if len(order) < k:
+        order += _fill(blended, order, k - len(order), settings.fallback_chain)
+    out = []
+    for position, p in enumerate(order):
+        reasons = list(blended.reasons[p])
+        if position > p:  # p is also its rank in the blend
+            reasons.append("diversity_demoted")
+        out.append(
+            RecommendedTrack(
+                track_id=blended.track_ids[p], score=float(blended.scores[p]), sources=reasons,
+                artist_id=bundle.artists[idx[p]], genre=bundle.genres[idx[p]],
+            )
         )
-        for p in order.tolist()
-    ]
+    return out
+
+
+def _fill(blended: Blended, taken: list[int], need: int, chain: list[str]) -> list[int]:
+    taken_set = set(taken)
+    rest = [p for p in range(len(blended.track_ids)) if p not in taken_set]
+    rank = {name: i for i, name in enumerate(chain)}
+    rest.sort(key=lambda p: (min((rank.get(r, len(chain)) for r in blended.reasons[p]), default=len(chain)), p))
+    return rest[:need]
 
 
 def user_features_from_row(
-    user_id: str, row: dict | None, trending, popular, namespace: str | None
+    user_id: str,
+    row: dict | None,
+    trending,
+    popular,
+    namespace: str | None,
+    stale: bool = False,
+    online_recent: list[str] | None = None,
+    prefs: UserPrefs | None = None,
 ) -> UserFeatures:
+    common = dict(
+        trending=trending, popular=popular, feature_version=namespace, stale=stale,
+        online_recent=online_recent or [], prefs=prefs or UserPrefs(),
+    )
     if row is None:
-        return UserFeatures(user_id, False, trending=trending, popular=popular, feature_version=namespace)
+        return UserFeatures(user_id, bool(online_recent), n_plays=len(online_recent or []), **common)
     return UserFeatures(
         user_id=user_id,
         known=True,
         cf_vector=row.get("cf_vector"),
         recent_tracks=row.get("recent_tracks", []),
         seen_tracks=row.get("seen_tracks", []),
-        trending=trending,
-        popular=popular,
-        feature_version=namespace,
+        heard_recently=row.get("heard_recently", row.get("seen_tracks", [])),
+        n_plays=row.get("n_plays", 0),
+        **common,
     )

@@ -82,16 +82,20 @@ class EventBatch(BaseModel):
 class EventStatus(str, Enum):
     accepted = "accepted"
     duplicate = "duplicate"
+    rejected = "rejected"
 
 
 class EventResult(BaseModel):
     event_id: uuid.UUID
     status: EventStatus
+    reason: str | None = None
+    """Why an event was rejected (e.g. its event_id was already used for a different event)."""
 
 
 class IngestResponse(BaseModel):
     accepted: int
     duplicates: int
+    rejected: int = 0
     results: list[EventResult]
 
 
@@ -111,3 +115,11 @@ class RecommendationResponse(BaseModel):
     """True when the user is unknown to the models and the list is popularity-based."""
     items: list[RecommendedTrack]
     model_versions: dict[str, str]
+    degraded: bool = False
+    """True when a fallback answered (e.g. the feature store was unreachable)."""
+    segment: str | None = None
+    """The listener segment (new, casual, heavy) whose blend weights were used."""
+    experiment: str | None = None
+    """The experiment this user is in for this request (None: not in one, the defaults)."""
+    variant: str | None = None
+    """The variant of `experiment` whose serving parameters produced this list."""

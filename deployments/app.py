@@ -14,6 +14,8 @@ from deployments.features import FeatureFetcher
 from deployments.gateway import EventGateway
 from deployments.ingress import ApiIngress
 from deployments.ranking import Blender, Reranker
+from deployments.retrieval import CFRetriever, ContentRetriever
+from deployments.trending import Trending
 
 
 def build_app(args: dict[str, Any]) -> Application:
@@ -25,4 +27,7 @@ def build_app(args: dict[str, Any]) -> Application:
         FeatureFetcher.bind(settings),
         Blender.bind(settings),
         Reranker.bind(settings),
+        Trending.bind(settings),
+        cf_retriever=CFRetriever.bind(settings),
+        content_retriever=ContentRetriever.bind(settings),
     )

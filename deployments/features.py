@@ -1,45 +1,48 @@
-"""FeatureFetcher: a user's online features plus the ranked lists, in one Redis round trip."""
+"""FeatureFetcher: everything serving needs about a user in one Redis round trip: the
+materialised profile, the trending and popular lists, the plays the event consumer recorded
+since training (for the fold-in) and the listener's content preferences.
+
+When Redis is unreachable it answers from its bounded local snapshot, flagged stale, so the
+request degrades instead of failing; `check_health` still reports the outage to Serve.
+"""
 
 from __future__ import annotations
-
-import time
 
 from ray import serve
 
 from app.config import Settings
-from app.features.store import RedisOnlineStore
-from app.features.views import USER_PROFILE
+from app.features.reader import FeatureReader
+from app.features.store import LiveRead, RedisOnlineStore
 from app.keys import Keys
+from app.prefs import prefs_from_hash
 from app.recommend import UserFeatures, user_features_from_row
 from app.redis_server import connect
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0})
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
 class FeatureFetcher:
     def __init__(self, settings: Settings):
         self.settings = settings
+        self.keys = Keys(settings.redis.key_prefix)
         self.client = connect(settings)
-        self.store = RedisOnlineStore(self.client, Keys(settings.redis.key_prefix))
-        self._namespace: str | None = None
-        self._namespace_checked = -float("inf")
-
-    def _current_namespace(self) -> str | None:
-        # The alias changes once per materialisation; caching it keeps reads to one round trip.
-        now = time.monotonic()
-        if self._namespace is None or now - self._namespace_checked > self.settings.serving.reload_interval_s:
-            self._namespace = self.store.current_namespace()
-            self._namespace_checked = now
-        return self._namespace
+        self.reader = FeatureReader(
+            RedisOnlineStore(self.client, self.keys),
+            refresh_s=settings.serving.reload_interval_s,
+            max_entries=settings.features.snapshot_entries,
+        )
 
     def fetch(self, user_id: str) -> UserFeatures:
-        namespace = self._current_namespace()
-        if namespace is None:
-            return UserFeatures(user_id, known=False)
         n = self.settings.serving.candidates
-        (row,), (trending, popular) = self.store.read(
-            namespace, [(USER_PROFILE, user_id)], rankings=[("trending", n), ("popular", n)]
+        live = [
+            LiveRead("list", self.keys.recent_plays(user_id), max(self.settings.serving.recent_plays, 1)),
+            LiveRead("hash", self.keys.user_prefs(user_id)),
+        ]
+        read = self.reader.read([("user_profile", user_id)], rankings=[("trending", n), ("popular", n)], live=live)
+        (row,), (trending, popular), (recent, prefs) = read.rows, read.rankings, read.live
+        return user_features_from_row(
+            user_id, row, trending, popular, read.namespace,
+            stale=read.stale, online_recent=recent, prefs=prefs_from_hash(prefs),
         )
-        return user_features_from_row(user_id, row, trending, popular, namespace)
 
     def check_health(self) -> None:
         self.client.ping()

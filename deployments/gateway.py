@@ -1,4 +1,4 @@
-"""EventGateway: validates listening events and appends them durably to the Redis Stream."""
+"""EventGateway: validates, enriches and durably appends listening events (app/events/ingest.py)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from datetime import datetime, timezone
 from ray import serve
 
 from app.config import Settings
+from app.events.enrichment import RequestContext
+from app.events.ingest import EventIngestor, StorageUnavailable
 from app.events.stream import EventStream
-from app.events.validation import EventValidationError, parse_events
-from app.keys import Keys
+from app.events.validation import EventValidationError
 from app.redis_server import connect
-from app.schemas import EventResult, EventStatus, IngestResponse
 
 log = logging.getLogger("ray.serve")
 
@@ -22,22 +22,19 @@ class EventGateway:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.client = connect(settings)
-        self.stream = EventStream(self.client, settings.redis.stream_key, Keys(settings.redis.key_prefix).dedup())
+        self.ingestor = EventIngestor(EventStream.from_settings(self.client, settings), settings.gateway)
 
-    def ingest(self, body: object) -> dict:
-        """Returns {"response": IngestResponse} or {"errors": [...]} for the ingress to map to HTTP."""
+    def ingest(self, body: object, user_agent: str | None = None, accept_language: str | None = None) -> dict:
+        """{"response": IngestResponse}, {"errors": [...]} (→ 422) or {"unavailable": seconds}
+        (→ 503 + Retry-After), for the ingress to map to HTTP."""
         now = datetime.now(timezone.utc)
+        ctx = RequestContext.from_headers(user_agent, accept_language, int(now.timestamp() * 1000))
         try:
-            events = parse_events(body, self.settings.gateway, now)
+            return {"response": self.ingestor.ingest(body, ctx, now)}
         except EventValidationError as exc:
             return {"errors": exc.errors}
-        ids = self.stream.append(events, received_at_ms=int(now.timestamp() * 1000))
-        results = [
-            EventResult(event_id=e.event_id, status=EventStatus.accepted if i else EventStatus.duplicate)
-            for e, i in zip(events, ids)
-        ]
-        accepted = sum(1 for i in ids if i)
-        return {"response": IngestResponse(accepted=accepted, duplicates=len(ids) - accepted, results=results)}
+        except StorageUnavailable:
+            return {"unavailable": self.settings.gateway.unavailable_retry_after_s}
 
-    def check_health(self) -> None:
-        self.client.ping()  # raises when Redis is gone, so Serve marks the replica unhealthy
+    # No Redis ping in check_health: restarting a gateway does not bring Redis back, and a live
+    # gateway answering 503 + Retry-After is what a client needs while Redis is down.

@@ -6,22 +6,42 @@ middle: fetch -> blend -> rerank are scheduled at once and only the final answer
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 from typing import Any
 
-from fastapi import Body, FastAPI, Query
+from fastapi import Body, Depends, FastAPI, Query
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from app.config import Settings
+from app.events.auth import api_key_dependency, build_guard
+from app.events.body_limit import BodySizeLimit
+from app.events.http import client_hints
+from app.experiments.serving import ExperimentRouter
+from app.redis_server import connect
 from app.schemas import IngestResponse, RecommendationResponse
+from app.trending.query import trending_query_errors
+from deployments.pipeline import RecommendationPipeline
+from deployments.web import WebServices, mount_web
 
 api = FastAPI(
     title="EchoTune",
     description="Hybrid music recommendations: listening events in, recommendations out.",
     version="0.1.0",
+    # API key + scope + rate limit on every API route but /healthz (docs are not API routes).
+    dependencies=[Depends(api_key_dependency(lambda: _replica().guard))],
 )
+api.add_middleware(BodySizeLimit, max_bytes_of=lambda: _replica().settings.gateway.max_body_bytes)
+mount_web(api)  # the PWA under /app, its sign-in and push routes
+
+
+def _replica() -> "ApiIngress":
+    """This replica's ApiIngress: Serve freezes `api` before __init__ runs, so per-replica
+    state (the key store, settings) is reached through the replica context."""
+    return serve.get_replica_context().servable_object
 
 
 def _unprocessable(errors: list[dict[str, Any]]) -> JSONResponse:
@@ -38,12 +58,22 @@ class ApiIngress:
         fetcher: DeploymentHandle,
         blender: DeploymentHandle,
         reranker: DeploymentHandle,
+        trending: DeploymentHandle | None = None,
+        cf_retriever: DeploymentHandle | None = None,
+        content_retriever: DeploymentHandle | None = None,
     ):
         self.settings = settings
+        self.trending_lists = trending
         self.gateway = gateway
         self.fetcher = fetcher
         self.blender = blender
         self.reranker = reranker
+        self.pipeline = RecommendationPipeline(fetcher, cf_retriever, content_retriever, blender, reranker)
+        s = settings
+        self.guard = build_guard(connect(s), s.redis.key_prefix, s.auth, s.rate_limit, s.gateway.unavailable_retry_after_s)
+        self.web = WebServices(connect(s), s, self.guard)
+        self.experiments = ExperimentRouter.from_settings(connect(s), s)
+        self._exposure_tasks: set[asyncio.Task] = set()  # strong refs until each append is done
 
     @api.get("/healthz", tags=["ops"])
     async def healthz(self) -> dict:
@@ -55,10 +85,13 @@ class ApiIngress:
         tags=["events"],
         responses={422: {"description": "Malformed event; `detail[].loc` names the field."}},
     )
-    async def post_events(self, body: Any = Body(..., description="One event, or {\"events\": [...]}.")):
-        result = await self.gateway.ingest.remote(body)
+    async def post_events(self, body: Any = Body(..., description="One event, or {\"events\": [...]}."), hints: dict = Depends(client_hints)):
+        result = await self.gateway.ingest.remote(body, hints["user_agent"], hints["accept_language"])
         if "errors" in result:
             return _unprocessable(result["errors"])
+        if "unavailable" in result:
+            retry = str(result["unavailable"])
+            return JSONResponse(status_code=503, content={"detail": "event store unavailable, retry"}, headers={"Retry-After": retry})
         return result["response"]
 
     @api.get("/v1/users/{user_id}/recommendations", response_model=RecommendationResponse, tags=["recommendations"])
@@ -68,6 +101,24 @@ class ApiIngress:
                 [{"loc": ["query", "k"], "msg": f"k must be between 1 and {self.settings.serving.max_k}", "type": "value_error"}]
             )
         request_id = uuid.uuid4().hex
-        features = self.fetcher.fetch.remote(user_id)
-        blended = self.blender.blend.remote(features)
-        return await self.reranker.rerank.remote(blended, k, request_id)
+        started = time.perf_counter()
+        assignments, params = self.experiments.assign(user_id)
+        response = self.experiments.label(await self.pipeline.run(user_id, k, request_id, params), assignments)
+        if assignments:  # exposures are appended off the request path
+            latency_ms = round((time.perf_counter() - started) * 1000)
+            task = asyncio.create_task(asyncio.to_thread(self.experiments.log_exposures, response, assignments, latency_ms))
+            self._exposure_tasks.add(task)
+            task.add_done_callback(self._exposure_tasks.discard)
+        return response
+
+    @api.get("/v1/trending", tags=["recommendations"], responses={422: {"description": "`detail[].loc` names the bad parameter."}})
+    async def trending(
+        self,
+        genre: str | None = Query(None, description="Only this genre's trending tracks."),
+        locale: str | None = Query(None, description="What trends among listeners of this locale (e.g. en-US)."),
+        k: int = Query(20, description="How many tracks, 1..max_k."),
+    ):
+        errors = trending_query_errors(genre, locale, k, self.settings.serving.max_k)
+        if errors:
+            return _unprocessable(errors)
+        return await self.trending_lists.top.remote(genre, locale, k)

@@ -1,108 +1,185 @@
 """Content embeddings from audio (librosa) and metadata; publishes the `content` artifact.
 
     ray job submit --working-dir . -- python -m jobs.embed_content --config ray_config.yaml
+    python -m jobs.embed_content --config ray_config.yaml --catalog /tmp/warzone.parquet
 
-Ray Data decodes and analyses the audio in a pool of actors (`content.concurrency`,
-`content.batch_size`). A track whose audio cannot be decoded is logged and dead-lettered with
-the reason and gets a metadata-only embedding; the job carries on.
+Reads a track catalogue (`content.catalog_path`, by default the simulated world's
+tracks.parquet; see app/data/audio_catalog.py for the columns), decodes and analyses the audio
+in a pool of Ray Data actors (`content.concurrency`, `content.batch_size`,
+`content.analysis_seconds`), joins metadata and artist popularity from the exported events,
+fits scaler + PCA on a sample and embeds every track.
+
+Nothing is dropped: a track whose audio fails (missing, empty, corrupt, silent) is listed in
+the artifact's failed.parquet and the dead-letter stream with its reason, and still gets a
+metadata-only embedding; a catalogue row that cannot be a track (no id, repeated id) is
+dead-lettered too. The summary, logged and printed last, counts both.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from app.artifacts import ArtifactStore
+from app.artifacts import ArtifactStore, sha256_file
 from app.config import Settings
 from jobs.common import event_files, timed
 
 log = logging.getLogger(__name__)
 
+FAILED_COLUMNS = ["track_id", "audio_path", "stage", "reason", "error"]
+
 
 class AudioFeatureExtractor:
-    """Ray Data callable class: numba compiles librosa's kernels once per actor, not per batch."""
+    """Ray Data callable class: numba compiles (or loads) librosa's kernels once per actor."""
 
     def __init__(self, sample_rate: int, max_seconds: float):
-        from training import content
+        from training.content import analyse_tracks
 
-        self.content = content
+        self.analyse = analyse_tracks
         self.sample_rate = sample_rate
         self.max_seconds = max_seconds
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        features, errors = [], []
-        for path in batch["audio_path"]:
-            try:
-                if not isinstance(path, str) or not path:
-                    raise ValueError("track has no audio_path")
-                y = self.content.load_audio(path, self.sample_rate, self.max_seconds)
-                features.append(self.content.audio_features(y, self.sample_rate).astype(np.float32))
-                errors.append(None)
-            except Exception as exc:  # noqa: BLE001 - recorded per track and dead-lettered by the driver
-                features.append(np.zeros(len(self.content.AUDIO_FEATURE_NAMES), dtype=np.float32))
-                errors.append(f"{type(exc).__name__}: {exc}")
-        return pd.DataFrame({"track_id": batch["track_id"].to_numpy(), "audio": features, "error": errors})
+        return self.analyse(batch, self.sample_rate, self.max_seconds)
 
 
-def artist_play_counts(settings: Settings) -> pd.Series:
+def artist_popularity(settings: Settings, tracks: pd.DataFrame) -> dict[str, float]:
+    """log(1 + plays of the artist's tracks) from the exported events; empty without events."""
     files = event_files(settings.paths.events_dir)
     if not files:
-        return pd.Series(dtype="float64")
+        return {}
     events = pd.read_parquet(files, columns=["track_id", "event_type"])
-    return events.loc[events["event_type"] == "play", "track_id"].value_counts()
+    plays = events.loc[events["event_type"] == "play", "track_id"].value_counts()
+    per_track = tracks["track_id"].map(plays).fillna(0.0)
+    return np.log1p(per_track.groupby(tracks["artist_id"]).sum()).to_dict()
+
+
+def extract_audio(settings: Settings, tracks: pd.DataFrame) -> pd.DataFrame:
+    """`analyse_tracks` rows for every catalogue track, computed by a Ray Data actor pool."""
+    import ray
+    from ray.data import DataContext
+
+    cfg = settings.content
+    DataContext.get_current().enable_progress_bars = True  # the operator progress lines in the job log
+    n_blocks = max(1, min(len(tracks), int(np.ceil(len(tracks) / cfg.batch_size))))
+    ds = ray.data.from_pandas(tracks[["track_id", "audio_path"]]).repartition(n_blocks)
+    return ds.map_batches(
+        AudioFeatureExtractor,
+        fn_constructor_kwargs={"sample_rate": cfg.sample_rate, "max_seconds": cfg.analysis_seconds},
+        # Ray 2.51+ deprecates `concurrency=` for a fixed pool in favour of this.
+        compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
+        batch_size=cfg.batch_size,
+        batch_format="pandas",
+        num_cpus=cfg.cpus_per_actor,
+    ).to_pandas()
+
+
+def _dead_letter(settings: Settings, failed: pd.DataFrame) -> None:
+    if failed.empty:
+        return
+    from app.events.dead_letter import DeadLetterQueue
+    from app.redis_server import connect
+
+    dlq = DeadLetterQueue(connect(settings), settings.redis.dead_letter_key)
+    for row in failed.itertuples(index=False):
+        log.warning("track %s %s failed: %s", row.track_id, row.stage, row.error)
+        dlq.put("embed_content", {"track_id": row.track_id, "audio_path": row.audio_path, "stage": row.stage}, f"{row.reason}: {row.error}")
 
 
 def embed_content(settings: Settings, tracks_path: Path | None = None) -> dict:
-    import ray
+    from app.data.audio_catalog import normalise_catalog
+    from training.content import AUDIO_FEATURE_NAMES, ContentEmbedder, content_features, fill_missing_audio, genre_vocabulary
 
-    from app.events.dead_letter import DeadLetterQueue
-    from app.redis_server import connect
-    from training.content import AUDIO_FEATURE_NAMES, ContentEmbedder, metadata_features
-
-    tracks_path = tracks_path or settings.paths.world_dir / "tracks.parquet"
-    tracks = pd.read_parquet(tracks_path)
     cfg = settings.content
-    with timed("audio features"):
-        ds = ray.data.read_parquet(str(tracks_path), columns=["track_id", "audio_path"])
-        audio = ds.map_batches(
-            AudioFeatureExtractor,
-            fn_constructor_kwargs={"sample_rate": cfg.sample_rate, "max_seconds": cfg.analysis_seconds},
-            concurrency=cfg.concurrency,
-            batch_size=cfg.batch_size,
-            batch_format="pandas",
-            num_cpus=cfg.cpus_per_actor,
-        ).to_pandas()
-    audio = tracks[["track_id"]].merge(audio, on="track_id", how="left")
-    failed = audio[audio["error"].notna()]
-    if len(failed):
-        dlq = DeadLetterQueue(connect(settings), settings.redis.dead_letter_key)
-        for row in failed.itertuples():
-            log.warning("audio of %s failed: %s", row.track_id, row.error)
-            dlq.put("embed_content", {"track_id": row.track_id}, row.error)
+    started = time.perf_counter()
+    tracks_path = Path(tracks_path or cfg.catalog_path or settings.paths.world_dir / "tracks.parquet").expanduser()
+    tracks, rejected = normalise_catalog(pd.read_parquet(tracks_path))
+    log.info("catalogue %s: %d tracks, %d rows rejected", tracks_path, len(tracks), len(rejected))
+    if tracks.empty:
+        raise ValueError(f"catalogue {tracks_path} has no usable tracks ({len(rejected)} rows rejected)")
 
-    plays = artist_play_counts(settings)
-    tracks["artist_popularity"] = np.log1p(
-        tracks["track_id"].map(plays).fillna(0).groupby(tracks["artist_id"]).transform("sum")
+    with timed("audio features") as audio_timing:
+        analysis = extract_audio(settings, tracks)
+    popularity = artist_popularity(settings, tracks)
+    genres = genre_vocabulary(tracks["genres"])
+    features, names, audio_ok = content_features(tracks, analysis, genres, popularity)
+    if not audio_ok.any():
+        raise ValueError(f"no track of {tracks_path} has analysable audio; see the failed items")
+    embedder = ContentEmbedder.fit(
+        features[audio_ok], dim=cfg.embedding_dim, seed=0, sample_size=cfg.fit_sample_size, feature_names=names
     )
-    meta_x, meta_names = metadata_features(tracks, list(settings.world.genres))
-    audio_x = np.stack(audio["audio"].to_numpy())
-    features = np.hstack([audio_x, meta_x]).astype(np.float32)
-    embedder = ContentEmbedder.fit(features, dim=cfg.embedding_dim, seed=0)
-    embeddings = embedder.transform(features)
+    embeddings = embedder.transform(fill_missing_audio(features, audio_ok, embedder))
 
+    analysis = tracks[["track_id", "audio_path"]].merge(analysis, on="track_id", how="left")
+    audio_failed = analysis[analysis["error_reason"].notna()]
+    failed = pd.concat(
+        [
+            pd.DataFrame(
+                {"track_id": audio_failed["track_id"], "audio_path": audio_failed["audio_path"], "stage": "audio",
+                 "reason": audio_failed["error_reason"], "error": audio_failed["error"]}
+            ),
+            pd.DataFrame(
+                {"track_id": rejected["track_id"].map(lambda t: None if pd.isna(t) else str(t)), "audio_path": None, "stage": "catalog",
+                 "reason": rejected["reason"], "error": "catalogue row rejected: " + rejected["reason"]}
+            ),
+        ],
+        ignore_index=True,
+    )[FAILED_COLUMNS]
+    _dead_letter(settings, failed)
+
+    seconds = audio_timing["seconds"]
+    counts = {
+        "catalog_rows": int(len(tracks) + len(rejected)),
+        "tracks": int(len(tracks)),
+        "audio_ok": int(audio_ok.sum()),
+        "audio_failed": int(len(audio_failed)),
+        "rejected": int(len(rejected)),
+        "truncated": int(analysis["truncated"].fillna(False).astype(bool).sum()),
+        "fit_sample": int(min(cfg.fit_sample_size, int(audio_ok.sum()))),
+    }
+    meta = {
+        "catalog": {"path": str(tracks_path), "sha256": sha256_file(tracks_path)},
+        "counts": counts,
+        "failed_by_reason": failed["reason"].value_counts().to_dict(),
+        "feature_names": names,
+        "n_audio_features": len(AUDIO_FEATURE_NAMES),
+        "genre_vocabulary": genres,
+        "analysis": {"sample_rate": cfg.sample_rate, "max_seconds": cfg.analysis_seconds},
+        "embedder": {**embedder.params(), "seed": 0, "fit_rows": counts["fit_sample"]},
+        "params": cfg.model_dump(mode="json"),
+        # kept flat for callers of the earlier manifest
+        "tracks": counts["tracks"],
+        "audio_failed": counts["audio_failed"],
+    }
     store = ArtifactStore(settings.paths.artifacts_dir)
-    names = list(AUDIO_FEATURE_NAMES) + list(meta_names)
-    meta = {"tracks": len(tracks), "audio_failed": int(len(failed)), "feature_names": names, "params": cfg.model_dump()}
     with store.publish("content", meta) as out:
-        keep = [c for c in ("track_id", "artist_id", "genre", "genres", "explicit", "release_date") if c in tracks]
+        keep = [c for c in ("track_id", "artist_id", "album", "title", "genre", "genres", "explicit", "release_year", "release_date") if c in tracks]
         tracks[keep].to_parquet(out / "tracks.parquet")
-        pd.DataFrame(features, columns=names).assign(track_id=tracks["track_id"].to_numpy()).to_parquet(out / "features.parquet")
+        # tempo_bpm and key_strength are feature columns already; the key's name is not.
+        described = analysis[["track_id", "key", "seconds_total", "seconds_analysed", "truncated"]].rename(columns={"key": "key_estimate"})
+        pd.DataFrame(features, columns=names).assign(
+            track_id=tracks["track_id"].to_numpy(), audio_ok=audio_ok
+        ).merge(described, on="track_id").to_parquet(out / "features.parquet")
         np.save(out / "embeddings.npy", embeddings)
         embedder.save(out / "embedder.npz")
-    summary = {"job": "embed_content", "version": store.latest_version("content"), **{k: meta[k] for k in ("tracks", "audio_failed")}}
+        failed.to_parquet(out / "failed.parquet")
+        pd.DataFrame({"artist_id": list(popularity), "artist_popularity": list(popularity.values())}).to_parquet(
+            out / "artists.parquet"
+        )
+    summary = {
+        "job": "embed_content",
+        "version": store.latest_version("content"),
+        **counts,
+        "failed_by_reason": meta["failed_by_reason"],
+        "audio_seconds": seconds,
+        "tracks_per_s": round(len(tracks) / seconds, 2) if seconds else None,
+        "explained_variance": round(float(embedder.explained_variance_ratio_.sum()), 3),
+        "seconds": round(time.perf_counter() - started, 2),
+    }
     log.info("content embeddings: %s", summary)
     return summary
 
@@ -110,9 +187,11 @@ def embed_content(settings: Settings, tracks_path: Path | None = None) -> dict:
 def main() -> None:
     from jobs.common import init_ray, parse_args, print_summary
 
-    _, settings = parse_args(__doc__)
+    args, settings = parse_args(
+        __doc__, lambda p: p.add_argument("--catalog", type=Path, default=None, help="Catalogue Parquet (overrides content.catalog_path).")
+    )
     init_ray()
-    print_summary(embed_content(settings))
+    print_summary(embed_content(settings, args.catalog))
 
 
 if __name__ == "__main__":

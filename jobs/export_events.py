@@ -1,11 +1,17 @@
-"""Export the event stream to Parquet, exactly once.
+"""Export the event stream to Parquet, exactly once, and trim what is safely exported.
 
     ray job submit --working-dir . -- python -m jobs.export_events --config ray_config.yaml
 
 Reads the Redis Stream from the saved cursor in chunks and writes each chunk as
-`events/date=YYYY-MM-DD/part-<first stream id>.parquet`. A file is named by the first entry
-of its chunk and written by rename, and the cursor moves only after the file is in place, so a
-crash and re-run rewrites the same file instead of duplicating rows.
+`events/date=YYYY-MM-DD/part-<first stream id>.parquet`. Exactly once, across crashes and
+Redis restarts:
+1. the chunk's id range is recorded in Redis before any file is written, so a re-run after a
+   crash re-exports exactly the same range into the same file names (overwriting, not adding);
+2. each file is written to a temporary name, fsynced, renamed, and its folder fsynced;
+3. only then the cursor moves (and the in-flight range is cleared) in one MULTI;
+4. only then the stream is trimmed, and never past an entry a consumer group still holds.
+Entries that cannot be exported (not JSON, missing fields) go to the dead-letter stream with
+stage `export`; the job carries on.
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from app.config import Settings
-from app.events.stream import EventStream, StreamEntry
+from app.events.dead_letter import DeadLetterQueue
+from app.events.stream import EventStream, StreamEntry, decode_entry, trim_exported
 from app.keys import Keys
 from app.redis_server import connect
 
@@ -48,13 +55,27 @@ EVENT_SCHEMA = pa.schema(
 )
 
 
+REQUIRED = ("event_id", "user_id", "track_id", "event_type", "timestamp")
+
+
+def export_problem(entry: StreamEntry) -> str | None:
+    """Why an entry cannot become a row, or None if it can."""
+    if entry.event is None:
+        return "entry is not a JSON object"
+    missing = [f for f in REQUIRED if entry.event.get(f) in (None, "")]
+    if missing:
+        return f"missing fields: {', '.join(missing)}"
+    if not isinstance(entry.event["timestamp"], int):
+        return "timestamp is not epoch milliseconds"
+    return None
+
+
 def entries_to_table(entries: list[StreamEntry]) -> pa.Table:
     cols: dict[str, list] = {f.name: [] for f in EVENT_SCHEMA}
     for entry in entries:
         e = entry.event
         for name in cols:
             cols[name].append(e.get(name))
-        cols["timestamp"][-1] = e["timestamp"]
         cols["received_at"][-1] = e.get("received_at_ms")
         cols["stream_id"][-1] = entry.id
     arrays = {}
@@ -67,31 +88,73 @@ def entries_to_table(entries: list[StreamEntry]) -> pa.Table:
     return pa.table(arrays, schema=EVENT_SCHEMA)
 
 
-def _write_atomic(table: pa.Table, path: Path) -> None:
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durable(table: pa.Table, path: Path) -> None:
+    """Temp file, fsync, rename, fsync the folder: after this returns the file survives a crash."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     pq.write_table(table, tmp)
+    _fsync(tmp)
     os.replace(tmp, path)
+    _fsync(path.parent)
 
 
-def export_events(settings: Settings, chunk: int = 20_000) -> dict:
+def _write_chunk(entries: list[StreamEntry], events_dir: Path, dlq: DeadLetterQueue) -> tuple[int, int, int]:
+    """Write one chunk's partitions; returns (rows, files, dead-lettered)."""
+    good, dead = [], 0
+    for entry in entries:
+        problem = export_problem(entry)
+        if problem is None:
+            good.append(entry)
+        else:
+            dlq.put("export_events", entry.raw.decode(errors="replace"), problem, stage="export", attempts=1, stream_id=entry.id)
+            dead += 1
+    if not good:
+        return 0, 0, dead
+    table = entries_to_table(good)
+    dates = pc.strftime(table["timestamp"], format="%Y-%m-%d").to_pylist()
+    files = 0
+    for date in sorted(set(dates)):
+        mask = pa.array([d == date for d in dates])
+        write_durable(table.filter(mask), events_dir / f"date={date}" / f"part-{entries[0].id}.parquet")
+        files += 1
+    return len(good), files, dead
+
+
+def export_events(settings: Settings, chunk: int = 20_000, trim: bool = True) -> dict:
     client = connect(settings)
     keys = Keys(settings.redis.key_prefix)
-    stream = EventStream(client, settings.redis.stream_key, keys.dedup())
-    cursor = (client.get(keys.export_cursor()) or b"0-0").decode()
-    exported = files = 0
-    for entries in stream.iter_from(cursor, chunk):
-        table = entries_to_table(entries)
-        dates = pc.strftime(table["timestamp"], format="%Y-%m-%d").to_pylist()
-        first = entries[0].id
-        for date in sorted(set(dates)):
-            mask = pa.array([d == date for d in dates])
-            _write_atomic(table.filter(mask), settings.paths.events_dir / f"date={date}" / f"part-{first}.parquet")
-            files += 1
-        client.set(keys.export_cursor(), entries[-1].id)
-        exported += len(entries)
-        log.info("exported %d events (cursor %s)", exported, entries[-1].id)
-    return {"job": "export_events", "exported": exported, "files": files, "stream_length": stream.length()}
+    stream = EventStream.from_settings(client, settings)
+    dlq = DeadLetterQueue(client, settings.redis.dead_letter_key)
+    exported = files = dead = trimmed = 0
+    while True:
+        cursor = (client.get(keys.export_cursor()) or b"0-0").decode()
+        inflight = client.hgetall(keys.export_inflight())
+        if inflight:  # a previous run died mid-chunk: redo exactly that range
+            first, last = inflight[b"first"].decode(), inflight[b"last"].decode()
+            entries = [decode_entry(i, f) for i, f in client.xrange(stream.key, min=first, max=last)]
+            log.info("resuming interrupted export of %s..%s", first, last)
+        else:
+            entries = stream.read(cursor, chunk)
+            if not entries:
+                break
+            first, last = entries[0].id, entries[-1].id
+            client.hset(keys.export_inflight(), mapping={"first": first, "last": last})
+        rows, n_files, n_dead = _write_chunk(entries, settings.paths.events_dir, dlq)
+        exported, files, dead = exported + rows, files + n_files, dead + n_dead
+        pipe = client.pipeline(transaction=True)
+        pipe.set(keys.export_cursor(), last).delete(keys.export_inflight()).execute()
+        if trim:
+            trimmed += trim_exported(client, stream.key, last)
+        log.info("exported %d events (cursor %s)", exported, last)
+    return {"job": "export_events", "exported": exported, "files": files, "dead_lettered": dead, "trimmed": trimmed, "stream_length": stream.length()}
 
 
 def main() -> None:

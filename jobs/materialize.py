@@ -1,10 +1,13 @@
-"""Load the published artifacts into the online feature store under a new namespace, then
-switch the alias to it.
+"""Materialise the published artifacts into the online feature store.
 
     ray job submit --working-dir . -- python -m jobs.materialize --config ray_config.yaml
 
-Readers follow the alias, so they see the previous namespace until the switch and the new one
-after it, never a mix. The previous namespace is left to expire shortly after the switch.
+Steps: validate the feature repo against the registry published last time (an incompatible
+change is refused) → build each view's rows from the latest artifacts and the exported events
+→ write an offline snapshot per view (point-in-time retrieval, parity) → write to Redis with
+Ray Data writer tasks at bounded concurrency under a fresh namespace → switch the alias in one
+SET → let the previous namespace expire after a grace period. Readers follow the alias, so
+they see the old namespace until the switch and the new one after it, never a mix.
 """
 
 from __future__ import annotations
@@ -16,19 +19,37 @@ import pandas as pd
 
 from app.artifacts import ArtifactStore, new_version
 from app.config import Settings
-from app.features.store import RedisOnlineStore
-from app.features.views import USER_PROFILE
+from app.features.offline import OfflineSnapshots
+from app.features.registry import FeatureView, Registry, RegistryError, check_compatible, load_registry
+from app.features.store import Published, RedisOnlineStore
 from app.keys import Keys
-from app.redis_server import connect
+from app.redis_server import connect, resolve_redis_url
 from jobs.common import event_files, timed
 
 log = logging.getLogger(__name__)
 
-OLD_NAMESPACE_GRACE_S = 600
+
+class OnlineWriter:
+    """Ray Data callable class: one Redis connection per writer task, pipelined writes."""
+
+    def __init__(self, redis_url: str, key_prefix: str, namespace: str, view_json: str, batch: int):
+        import redis
+
+        self.store = RedisOnlineStore(redis.Redis.from_url(redis_url), Keys(key_prefix), write_batch=batch)
+        self.namespace = namespace
+        self.view = FeatureView.model_validate_json(view_json)
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        fields = [f for f in self.view.fields if f in batch]
+        rows = zip(batch["entity_id"], batch[fields].to_dict("records"))
+        return pd.DataFrame({"written": [self.store.write(self.namespace, self.view, rows)]})
 
 
-def user_history(events: pd.DataFrame, tracks: pd.DataFrame | None, recent_n: int) -> pd.DataFrame:
-    """Per user: latest distinct positive tracks, every track with any event, top genres."""
+def user_history(
+    events: pd.DataFrame, tracks: pd.DataFrame | None, recent_n: int, heard_days: float = 30.0
+) -> pd.DataFrame:
+    """Per user: latest distinct positive tracks, every track with any event, the tracks heard
+    within `heard_days` of the data's end, top genres."""
     events = events.sort_values("timestamp")
     positive = events[events["event_type"].isin(["play", "like"])]
     recent = (
@@ -37,7 +58,10 @@ def user_history(events: pd.DataFrame, tracks: pd.DataFrame | None, recent_n: in
         .agg(lambda s: s.iloc[::-1].head(recent_n).tolist())
     )
     seen = events.groupby("user_id")["track_id"].agg(lambda s: sorted(set(s)))
-    out = pd.DataFrame({"recent_tracks": recent, "seen_tracks": seen})
+    cutoff = events["timestamp"].max() - pd.Timedelta(days=heard_days)
+    heard = events[events["timestamp"] >= cutoff].groupby("user_id")["track_id"].agg(lambda s: sorted(set(s)))
+    out = pd.DataFrame({"recent_tracks": recent, "seen_tracks": seen, "heard_recently": heard})
+    out["heard_recently"] = out["heard_recently"].apply(lambda v: v if isinstance(v, list) else [])
     out["n_plays"] = positive.groupby("user_id").size().reindex(out.index).fillna(0).astype(int)
     if tracks is not None:
         genre = positive["track_id"].map(tracks.set_index("track_id")["genre"])
@@ -47,59 +71,122 @@ def user_history(events: pd.DataFrame, tracks: pd.DataFrame | None, recent_n: in
     return out
 
 
-def materialize(settings: Settings) -> dict:
-    store = ArtifactStore(settings.paths.artifacts_dir)
-    client = connect(settings)
-    keys = Keys(settings.redis.key_prefix)
-    online = RedisOnlineStore(client, keys)
-    namespace = new_version()
-
+def build_views(settings: Settings, store: ArtifactStore) -> tuple[dict[str, pd.DataFrame], dict, pd.Timestamp | None]:
+    """Rows of each view (index: entity id), the artifact versions used, and the data cut-off."""
     content = store.latest("content")
+    cf = store.latest("cf")
+    trending = store.latest("trending")
     tracks = pd.read_parquet(content.file("tracks.parquet")) if content else None
     files = event_files(settings.paths.events_dir)
     events = pd.read_parquet(files, columns=["user_id", "track_id", "event_type", "timestamp"]) if files else None
-    profiles = user_history(events, tracks, settings.serving.recent_plays) if events is not None else pd.DataFrame()
 
-    cf = store.latest("cf")
+    users = (
+        user_history(events, tracks, settings.serving.recent_plays, settings.serving.heard_filter_days)
+        if events is not None
+        else pd.DataFrame()
+    )
     if cf is not None:
-        users = pd.read_parquet(cf.file("users.parquet"))["user_id"]
-        factors = np.load(cf.file("user_factors.npy"))
-        vectors = pd.Series(list(factors), index=users.to_numpy())
-        profiles = profiles.join(vectors.rename("cf_vector"), how="outer")
+        ids = pd.read_parquet(cf.file("users.parquet"))["user_id"].to_numpy()
+        users = users.join(pd.Series(list(np.load(cf.file("user_factors.npy"))), index=ids, name="cf_vector"), how="outer")
 
-    with timed("write user profiles"):
-        rows = ((uid, {k: v for k, v in row.items() if not _missing(v)}) for uid, row in profiles.to_dict("index").items())
-        n_users = online.write(namespace, USER_PROFILE, rows)
+    views = {"user_profile": users}
+    if tracks is not None:
+        t = tracks.set_index("track_id")
+        track_rows = pd.DataFrame(index=t.index)
+        for col in ("artist_id", "genre", "explicit"):
+            if col in t:
+                track_rows[col] = t[col]
+        if "release_date" in t:
+            track_rows["release_ms"] = pd.to_datetime(t["release_date"], utc=True).astype("int64") // 10**6
+        track_rows["embedding"] = list(np.load(content.file("embeddings.npy")))
+        if trending is not None:
+            plays = pd.read_parquet(trending.file("popular.parquet")).set_index("track_id")["score"]
+            track_rows["plays"] = plays.reindex(track_rows.index).fillna(0.0)
+        views["track_profile"] = track_rows
+    versions = {a.name: a.version for a in (content, cf, trending) if a is not None}
+    as_of = events["timestamp"].max() if events is not None else None
+    return views, versions, as_of
+
+
+def write_online(settings: Settings, namespace: str, view: FeatureView, rows: pd.DataFrame) -> int:
+    """Write one view with Ray Data; at most `features.write_concurrency` writers hit Redis."""
+    import ray
+
+    frame = rows[[c for c in view.fields if c in rows]].rename_axis("entity_id").reset_index()
+    frame["entity_id"] = frame["entity_id"].astype(str)
+    if frame.empty:
+        return 0
+    cfg = settings.features
+    written = (
+        ray.data.from_pandas(frame)
+        .map_batches(
+            OnlineWriter,
+            fn_constructor_kwargs={
+                "redis_url": resolve_redis_url(settings),
+                "key_prefix": settings.redis.key_prefix,
+                "namespace": namespace,
+                "view_json": view.model_dump_json(),
+                "batch": cfg.write_batch_size,
+            },
+            concurrency=cfg.write_concurrency,
+            batch_size=cfg.write_batch_size,
+            batch_format="pandas",
+            num_cpus=0.25,
+        )
+        .sum("written")
+    )
+    return int(written or 0)
+
+
+def check_registry(settings: Settings, offline: OfflineSnapshots) -> Registry:
+    registry = load_registry(settings.features.repo_dir)
+    published = offline.published_registry()
+    if published is not None:
+        problems = check_compatible(published, registry)
+        if problems:
+            raise RegistryError("refusing to materialise an incompatible feature repo: " + "; ".join(problems))
+    return registry
+
+
+def materialize(settings: Settings) -> dict:
+    store = ArtifactStore(settings.paths.artifacts_dir)
+    online = RedisOnlineStore(connect(settings), Keys(settings.redis.key_prefix), settings.features.write_batch_size)
+    offline = OfflineSnapshots(settings.paths.features_dir)
+    registry = check_registry(settings, offline)
+    namespace = new_version()
+
+    with timed("build views"):
+        views, versions, as_of = build_views(settings, store)
+    counts = {}
+    for name, rows in views.items():
+        view = registry[name]
+        offline.write(namespace, view, rows, as_of)
+        with timed(f"write {name}"):
+            counts[name] = write_online(settings, namespace, view, rows)
+
     trending = store.latest("trending")
-    n_trending = 0
     if trending is not None:
-        ttl = 2 * 24 * 3600
+        ttl = registry["track_profile"].ttl_s if "track_profile" in registry.views else 2 * 24 * 3600
         t = pd.read_parquet(trending.file("trending.parquet"))
         p = pd.read_parquet(trending.file("popular.parquet"))
         online.write_ranking(namespace, "trending", dict(zip(t["track_id"], t["score"].astype(float))), ttl)
         online.write_ranking(namespace, "popular", dict(zip(p["track_id"], p["score"].astype(float))), ttl)
-        n_trending = len(t)
+        counts["trending"] = len(t)
 
-    previous = online.current_namespace()
-    online.set_current_namespace(namespace)
-    if previous and previous != namespace:
-        expired = 0
-        for key in client.scan_iter(match=keys.namespace_pattern(previous), count=1000):
-            client.expire(key, OLD_NAMESPACE_GRACE_S)
-            expired += 1
-        log.info("previous namespace %s: %d keys expire in %ds", previous, expired, OLD_NAMESPACE_GRACE_S)
-    versions = {n: store.latest_version(n) for n in ("cf", "content", "trending")}
-    return {"job": "materialize", "namespace": namespace, "users": n_users, "trending": n_trending, "from": versions}
-
-
-def _missing(value) -> bool:
-    return value is None or (isinstance(value, float) and np.isnan(value))
+    meta = {"as_of": str(as_of) if as_of is not None else None, "artifacts": versions, "counts": counts}
+    offline.finish(namespace, registry, meta)
+    previous = online.publish(Published(namespace, registry, meta))
+    if previous is not None and previous.namespace != namespace:
+        n = online.expire_namespace(previous.namespace, settings.features.old_namespace_grace_s)
+        log.info("previous namespace %s: %d keys expire in %ds", previous.namespace, n, settings.features.old_namespace_grace_s)
+    return {"job": "materialize", "namespace": namespace, "users": counts.get("user_profile", 0), **meta}
 
 
 def main() -> None:
-    from jobs.common import parse_args, print_summary
+    from jobs.common import init_ray, parse_args, print_summary
 
     _, settings = parse_args(__doc__)
+    init_ray()
     print_summary(materialize(settings))
 
 

@@ -38,6 +38,7 @@ def system(tmp_path_factory, redis_server, serve_port):
     from jobs.batch import run_parallel
     from jobs.export_events import export_events
     from jobs.materialize import materialize
+    from jobs.parity_check import parity_check
 
     state = tmp_path_factory.mktemp("state")
     args = {
@@ -54,7 +55,13 @@ def system(tmp_path_factory, redis_server, serve_port):
     world = load_world(settings.paths.world_dir)
 
     serve.run(build_app(args), name="echotune", route_prefix="/")
-    api = httpx.Client(base_url=f"http://127.0.0.1:{serve_port}", timeout=60)
+    import redis
+
+    from app.events.auth import ApiKeyStore
+    from app.keys import Keys
+
+    key = ApiKeyStore(redis.Redis.from_url(redis_server.url), Keys(settings.redis.key_prefix)).create({"ingest", "read"}).token
+    api = httpx.Client(base_url=f"http://127.0.0.1:{serve_port}", timeout=60, headers={"Authorization": f"Bearer {key}"})
 
     events = world.events.copy()
     events["timestamp"] = events["timestamp"].map(lambda t: t.isoformat())
@@ -68,7 +75,11 @@ def system(tmp_path_factory, redis_server, serve_port):
     export = export_events(settings)
     batch = run_parallel(settings)
     mat = materialize(settings)
-    yield {"api": api, "settings": settings, "world": world, "accepted": accepted, "export": export, "batch": batch, "materialize": mat}
+    parity = parity_check(settings)
+    yield {
+        "api": api, "settings": settings, "world": world, "accepted": accepted,
+        "export": export, "batch": batch, "materialize": mat, "parity": parity,
+    }
     api.close()
     serve.delete("echotune")
 
@@ -92,6 +103,12 @@ def test_batch_jobs_publish_versioned_artifacts(system):
         assert store.verify(art) == [], f"{name} artifact does not match its manifest"
     assert system["batch"]["content"]["audio_failed"] == 0
     assert system["materialize"]["users"] == system["world"].events["user_id"].nunique()
+
+
+def test_materialised_features_match_the_offline_snapshot_exactly(system):
+    parity = system["parity"]
+    assert parity["values"] > 0 and {v["view"] for v in parity["views"]} == {"user_profile", "track_profile"}
+    assert parity["mismatches"] == 0, parity["views"]
 
 
 def test_focused_listener_gets_their_genre(system):
@@ -128,7 +145,11 @@ def test_unknown_user_gets_popular_tracks_marked_cold_start(system):
     assert body.status_code == 200
     data = body.json()
     assert data["cold_start"] is True and len(data["items"]) == 5
-    assert all(set(i["sources"]) <= {"popular", "trending"} for i in data["items"])
+    # only the sources that need no history may speak for a stranger
+    cold_sources = {"popular", "trending", "new_releases", "recency_boost", "diversity_demoted"}
+    assert all(set(i["sources"]) <= cold_sources for i in data["items"])
+    assert all({"popular", "trending", "new_releases"} & set(i["sources"]) for i in data["items"])
+    assert data["segment"] == "new"
 
 
 @pytest.mark.parametrize("k", [0, 201, -3])

@@ -59,21 +59,48 @@ def test_batch_size_limit():
         parse_events({"events": [event()] * 3}, GatewaySettings(max_batch=2), NOW)
 
 
+def pending(events, received_at_ms=1):
+    from app.events.enrichment import RequestContext, enrich
+    from app.events.stream import PendingEvent
+
+    ctx = RequestContext(received_at_ms=received_at_ms)
+    out = []
+    for e in events:
+        enriched = enrich(e, ctx)
+        out.append(PendingEvent(str(e.event_id), e.user_id, enriched.document["timestamp"], enriched.fingerprint, enriched.document))
+    return out
+
+
 def test_stream_append_is_idempotent_per_event_id(redis_client):
+    from app.events.stream import AppendStatus
+
     stream = EventStream(redis_client, "s", "dedup:")
     a, b = parse_events({"events": [event(), event()]}, GatewaySettings(), NOW)
-    first = stream.append([a, b], received_at_ms=1)
-    again = stream.append([a, b], received_at_ms=2)
-    assert all(first) and again == [None, None]
+    first = stream.append(pending([a, b], 1))
+    again = stream.append(pending([a, b], 2))
+    assert [r.status for r in first] == [AppendStatus.accepted] * 2 and all(r.stream_id for r in first)
+    assert [r.status for r in again] == [AppendStatus.duplicate] * 2
     entries = stream.read()
     assert [e.event["event_id"] for e in entries] == [str(a.event_id), str(b.event_id)]
     assert entries[0].event["received_at_ms"] == 1 and entries[0].event["schema_version"] == 1
 
 
+def test_reused_event_id_with_other_content_is_a_conflict_not_stored(redis_client):
+    from app.events.stream import AppendStatus
+
+    stream = EventStream(redis_client, "s", "dedup:")
+    doc = event()
+    (a,) = parse_events(doc, GatewaySettings(), NOW)
+    (b,) = parse_events({**doc, "track_id": "t2"}, GatewaySettings(), NOW)
+    assert stream.append(pending([a]))[0].status is AppendStatus.accepted
+    assert stream.append(pending([b]))[0].status is AppendStatus.conflict
+    assert stream.length() == 1
+
+
 def test_stream_reads_in_chunks_after_a_cursor(redis_client):
     stream = EventStream(redis_client, "s", "dedup:")
     events = parse_events({"events": [event() for _ in range(5)]}, GatewaySettings(), NOW)
-    stream.append(events, 0)
+    stream.append(pending(events))
     chunks = list(stream.iter_from("0-0", chunk=2))
     assert [len(c) for c in chunks] == [2, 2, 1]
     assert stream.read(after=chunks[0][-1].id)[0].id == chunks[1][0].id
@@ -84,3 +111,17 @@ def test_dead_letter_keeps_record_and_reason(redis_client):
     dlq.put("job", {"track_id": "t9"}, "cannot decode")
     (entry,) = dlq.entries()
     assert entry["reason"] == "cannot decode" and '"t9"' in entry["record"] and len(dlq) == 1
+
+
+def test_trim_keeps_what_a_consumer_group_has_not_acknowledged(redis_client):
+    from app.events.stream import trim_exported
+
+    ids = [redis_client.xadd("s", {"e": "{}"}).decode() for _ in range(6)]
+    redis_client.xgroup_create("s", "g", id="0")
+    redis_client.xreadgroup("g", "c", {"s": ">"}, count=4)  # 4 delivered, none acknowledged
+    redis_client.xack("s", "g", ids[0], ids[1])
+    trim_exported(redis_client, "s", exported_through=ids[4])
+    assert [i.decode() for i, _ in redis_client.xrange("s")] == ids[2:], "pending entries stay"
+    redis_client.xack("s", "g", ids[2], ids[3])
+    trim_exported(redis_client, "s", exported_through=ids[4])
+    assert [i.decode() for i, _ in redis_client.xrange("s")] == ids[4:], "nor past what the group has not read"

@@ -1,12 +1,27 @@
 """One contract suite, run against every OnlineStore implementation."""
 
+import time
+
 import numpy as np
 import pytest
 import redis
 
-from app.features.store import InMemoryOnlineStore, RedisOnlineStore
-from app.features.views import USER_PROFILE
+from app.features.registry import FeatureView, load_registry
+from app.features.store import InMemoryOnlineStore, LiveRead, Published, RedisOnlineStore
+from app.config import PROJECT_ROOT
 from app.keys import Keys
+
+REGISTRY = load_registry(PROJECT_ROOT / "feature_repo")
+USER = REGISTRY["user_profile"]
+TRACK = REGISTRY["track_profile"]
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
 
 
 @pytest.fixture(params=["redis", "memory"])
@@ -18,38 +33,85 @@ def store(request):
 
 def test_roundtrip_vectors_lists_and_scalars(store):
     vec = np.arange(4, dtype=np.float32) / 3
-    store.write("v1", USER_PROFILE, [("u1", {"cf_vector": vec, "recent_tracks": ["t1", "t2"], "n_plays": 7})])
-    (row,), _ = store.read("v1", [(USER_PROFILE, "u1")])
-    np.testing.assert_array_equal(row["cf_vector"], vec)
-    assert row["cf_vector"].dtype == np.float32
-    assert row["recent_tracks"] == ["t1", "t2"] and row["n_plays"] == 7
+    store.write("v1", USER, [("u1", {"cf_vector": vec, "recent_tracks": ["t1", "t2"], "n_plays": 7})])
+    store.write("v1", TRACK, [("t1", {"explicit": True, "plays": 2.5, "genre": "jazz"})])
+    user, track = store.read("v1", [(USER, "u1"), (TRACK, "t1")]).rows
+    np.testing.assert_array_equal(user["cf_vector"], vec)
+    assert user["cf_vector"].dtype == np.float32
+    assert user["recent_tracks"] == ["t1", "t2"] and user["n_plays"] == 7
+    assert track == {"explicit": True, "plays": 2.5, "genre": "jazz"}
 
 
 def test_missing_entity_reads_none_and_namespaces_are_isolated(store):
-    store.write("v1", USER_PROFILE, [("u1", {"n_plays": 1})])
-    rows, _ = store.read("v2", [(USER_PROFILE, "u1"), (USER_PROFILE, "nobody")])
+    store.write("v1", USER, [("u1", {"n_plays": 1})])
+    rows = store.read("v2", [(USER, "u1"), (USER, "nobody")]).rows
     assert rows == [None, None]
 
 
+def test_view_versions_are_isolated(store):
+    store.write("v1", USER, [("u1", {"n_plays": 1})])
+    v2 = USER.model_copy(update={"version": 2})
+    assert store.read("v1", [(v2, "u1")]).rows == [None]
+
+
 def test_rankings_come_back_best_first_in_the_same_read(store):
-    store.write("v1", USER_PROFILE, [("u1", {"n_plays": 1})])
+    store.write("v1", USER, [("u1", {"n_plays": 1})])
     store.write_ranking("v1", "trending", {"a": 1.0, "b": 3.0, "c": 2.0}, ttl_s=60)
-    (row,), (ranked,) = store.read("v1", [(USER_PROFILE, "u1")], rankings=[("trending", 2)])
+    read = store.read("v1", [(USER, "u1")], rankings=[("trending", 2)])
+    (row,), (ranked,) = read.rows, read.rankings
     assert row["n_plays"] == 1 and ranked == [("b", 3.0), ("c", 2.0)]
 
 
 def test_rewriting_a_row_replaces_it(store):
-    store.write("v1", USER_PROFILE, [("u1", {"n_plays": 1, "recent_tracks": ["x"]})])
-    store.write("v1", USER_PROFILE, [("u1", {"n_plays": 2})])
-    (row,), _ = store.read("v1", [(USER_PROFILE, "u1")])
+    store.write("v1", USER, [("u1", {"n_plays": 1, "recent_tracks": ["x"]})])
+    store.write("v1", USER, [("u1", {"n_plays": 2})])
+    (row,) = store.read("v1", [(USER, "u1")]).rows
     assert row == {"n_plays": 2}
 
 
-def test_alias_switch(store):
-    assert store.current_namespace() is None
-    store.set_current_namespace("v1")
-    store.set_current_namespace("v2")
-    assert store.current_namespace() == "v2"
+def test_live_lists_and_hashes_come_back_in_the_same_read(store, redis_client):
+    if isinstance(store, InMemoryOnlineStore):
+        store.set_live("test:recent:u1", ["t3", "t2", "t1"])
+        store.set_live("test:prefs:u1", {"explicit": "0"})
+    else:
+        redis_client.rpush("test:recent:u1", "t3", "t2", "t1")
+        redis_client.hset("test:prefs:u1", "explicit", "0")
+    live = [LiveRead("list", "test:recent:u1", 2), LiveRead("hash", "test:prefs:u1"), LiveRead("list", "test:recent:nobody")]
+    read = store.read("v1", [(USER, "u1")], live=live)
+    assert read.rows == [None]
+    assert read.live == [["t3", "t2"], {"explicit": "0"}, []]
+
+
+def test_publish_switches_and_returns_previous(store):
+    assert store.current() is None
+    assert store.publish(Published("v1", REGISTRY, {"as_of": "x"})) is None
+    previous = store.publish(Published("v2", REGISTRY, {}))
+    assert previous.namespace == "v1" and previous.meta == {"as_of": "x"}
+    current = store.current()
+    assert current.namespace == "v2" and current.registry == REGISTRY
+
+
+def test_expired_namespace_disappears(store, redis_client):
+    store.write("old", USER, [("u1", {"n_plays": 1})])
+    store.write_ranking("old", "popular", {"a": 1.0}, ttl_s=60)
+    assert store.expire_namespace("old", 1) == 2
+    if isinstance(store, InMemoryOnlineStore):
+        store._clock = lambda: time.monotonic() + 2
+    else:
+        time.sleep(1.1)
+    read = store.read("old", [(USER, "u1")], rankings=[("popular", 5)])
+    assert (read.rows, read.rankings) == ([None], [[]])
+
+
+def test_rows_expire_after_the_view_ttl(redis_client):
+    clock = FakeClock()
+    short = USER.model_copy(update={"ttl_s": 5})
+    memory = InMemoryOnlineStore(clock=clock)
+    memory.write("v1", short, [("u1", {"n_plays": 1})])
+    clock.now += 6
+    assert memory.read("v1", [(short, "u1")]).rows == [None]
+    RedisOnlineStore(redis_client, Keys("test")).write("v1", short, [("u1", {"n_plays": 1})])
+    assert 0 < redis_client.ttl(Keys("test").feature_hash("v1", short.key, "u1")) <= 5
 
 
 class CountingConnection(redis.Connection):
@@ -60,12 +122,23 @@ class CountingConnection(redis.Connection):
         return super().send_packed_command(command, check_health)
 
 
-def test_redis_read_is_one_round_trip(redis_server):
+def test_redis_read_of_many_entities_and_views_is_one_round_trip(redis_server):
     client = redis.Redis(connection_pool=redis.ConnectionPool.from_url(redis_server.url, connection_class=CountingConnection))
     client.flushdb()
     store = RedisOnlineStore(client, Keys("test"))
-    store.write("v1", USER_PROFILE, [(f"u{i}", {"n_plays": i}) for i in range(5)])
+    store.write("v1", USER, [(f"u{i}", {"n_plays": i}) for i in range(5)])
+    store.write("v1", TRACK, [(f"t{i}", {"genre": "rock"}) for i in range(5)])
     CountingConnection.sends = 0
-    rows, _ = store.read("v1", [(USER_PROFILE, f"u{i}") for i in range(5)], rankings=[("popular", 5)])
-    assert [r["n_plays"] for r in rows] == list(range(5))
-    assert CountingConnection.sends == 1  # 5 HGETALL + 1 ZREVRANGE in one write, one read
+    requests = [(USER, f"u{i}") for i in range(5)] + [(TRACK, f"t{i}") for i in range(5)]
+    live = [LiveRead("list", "test:recent:u1", 3), LiveRead("hash", "test:prefs:u1")]
+    rows = store.read("v1", requests, rankings=[("popular", 5)], live=live).rows
+    assert [r["n_plays"] for r in rows[:5]] == list(range(5)) and rows[5]["genre"] == "rock"
+    assert CountingConnection.sends == 1  # 10 HGETALL + ZREVRANGE + LRANGE + HGETALL: one write
+
+
+def test_empty_lists_roundtrip_and_separator_in_items_is_refused(store):
+    store.write("v1", USER, [("u1", {"recent_tracks": [], "n_plays": 0})])
+    (row,) = store.read("v1", [(USER, "u1")]).rows
+    assert row == {"recent_tracks": [], "n_plays": 0}
+    with pytest.raises(ValueError, match="recent_tracks"):
+        store.write("v1", USER, [("u1", {"recent_tracks": ["a\x1fb"]})])

@@ -14,8 +14,11 @@ import scipy.sparse as sp
 
 from app.config import CFSettings
 from training.als import ImplicitALS, half_step, solve_block, training_loss
+from training.ease import EASE
+from training.knn import ItemKNN, bm25_weight, keep_top_per_row
+from training.nmf import NMFRecommender
 from training.popularity import Popularity
-from training.recommender import Recommender
+from training.recommender import Recommender, UnknownUserError
 
 GROUP = 6  # users and items per group
 
@@ -170,6 +173,42 @@ class RecommenderContract:
         with pytest.raises(ValueError, match="NaN"):
             self.make_model().fit(nan)
 
+    def test_unknown_user_is_its_own_error(self, model, user_items):
+        """Serving catches UnknownUserError to take the cold-start path."""
+        with pytest.raises(UnknownUserError):
+            model.recommend(user_items.shape[0], user_items)
+        with pytest.raises(UnknownUserError):
+            model.recommend_batch(np.array([0, user_items.shape[0] + 3]), user_items)
+
+    def test_fold_in_known_answer(self, model, user_items):
+        """A listener known only by their plays gets the same known answer as a fitted user."""
+        for user in range(user_items.shape[0]):
+            row = user_items[user]
+            ids, scores = model.recommend_fold_in(row.indices, row.data, k=2)
+            assert set(ids.tolist()) == self.expected_top2(user_items, user), f"user {user}"
+            assert np.all(np.diff(scores) <= 0)
+
+    def test_fold_in_candidates_and_filter(self, model, user_items):
+        row = user_items[3]
+        ids, _ = model.recommend_fold_in(row.indices, k=12, filter_seen=False)
+        assert sorted(ids.tolist()) == list(range(12))
+        ids, _ = model.recommend_fold_in(row.indices, k=12, candidates=np.array([11, 0, 7]))
+        assert sorted(ids.tolist()) == [7, 11]  # user 3 played item 0
+
+    def test_fold_in_repeats_add_up(self, model):
+        np.testing.assert_allclose(model.fold_in([1, 1, 2]), model.fold_in([1, 2], [2.0, 1.0]), rtol=1e-5)
+
+    @pytest.mark.parametrize(
+        "args, message",
+        [(([0, 12],), "out of range"), (([0, 1], [1.0, -1.0]), "negative"), (([0, 1], [1.0]), "shape"),
+         ((["a", "b"],), "integer ids"), (([[0, 1]],), "1-D")],
+    )
+    def test_fold_in_bad_input(self, model, args, message):
+        with pytest.raises(ValueError, match=message):
+            model.fold_in(*args)
+        with pytest.raises(ValueError, match=message):
+            model.recommend_fold_in(*args)
+
     def test_not_fitted_raises(self, user_items):
         model = self.make_model()
         with pytest.raises(ValueError, match="not fitted"):
@@ -178,6 +217,8 @@ class RecommenderContract:
             model.recommend_batch(np.array([0]), user_items)
         with pytest.raises(ValueError, match="not fitted"):
             model.similar_items(0)
+        with pytest.raises(ValueError, match="not fitted"):
+            model.fold_in([0])
 
 
 class TestImplicitALS(RecommenderContract):
@@ -252,17 +293,6 @@ class TestImplicitALS(RecommenderContract):
             scores[row.indices] = -np.inf
             assert set(np.argsort(-scores)[:2].tolist()) == own_group_missing(user)
 
-    def test_fold_in_repeats_add_up(self, model):
-        np.testing.assert_allclose(model.fold_in([1, 1, 2]), model.fold_in([1, 2], [2.0, 1.0]), rtol=1e-5)
-
-    def test_fold_in_bad_input(self, model):
-        with pytest.raises(ValueError, match="out of range"):
-            model.fold_in([0, 12])
-        with pytest.raises(ValueError, match="negative"):
-            model.fold_in([0, 1], [1.0, -1.0])
-        with pytest.raises(ValueError, match="shape"):
-            model.fold_in([0, 1], [1.0])
-
     def test_from_factors(self, model, user_items):
         clone = ImplicitALS.from_factors(model.user_factors, model.item_factors, regularization=0.1, alpha=10.0)
         np.testing.assert_array_equal(clone.recommend(2, user_items)[0], model.recommend(2, user_items)[0])
@@ -293,6 +323,89 @@ class TestPopularity(RecommenderContract):
     def test_known_answer_ignores_group(self, model, user_items):
         ids, _ = model.recommend(7, user_items, k=2)  # a group-B user still gets group A
         assert set(ids.tolist()) <= set(range(GROUP))
+
+
+class TestItemKNN(RecommenderContract):
+    def make_model(self) -> ItemKNN:
+        return ItemKNN(neighbors=20)
+
+    def expected_top2(self, user_items, user):
+        return own_group_missing(user)
+
+    def check_similar(self, item, ids):
+        assert set(ids.tolist()) == set(range(GROUP)) - {item}
+
+    def test_neighbors_prune_similarities(self, user_items):
+        model = ItemKNN(neighbors=2).fit(user_items)
+        assert np.all(np.diff(model.similarity.indptr) <= 2)
+
+    def test_bm25_keeps_known_answer(self, user_items):
+        model = ItemKNN(neighbors=20, bm25=True).fit(user_items)
+        for user in range(user_items.shape[0]):
+            assert set(model.recommend(user, user_items, k=2)[0].tolist()) == own_group_missing(user)
+
+    def test_new_history_counts_without_refit(self, model, user_items):
+        """Item-based scoring reads the history passed in, so a fresh play moves the ranking."""
+        newer = user_items.tolil()
+        newer[0, 7] = 5.0  # user 0 (group A) now plays a group-B item
+        ids, _ = model.recommend(0, newer.tocsr(), k=8)
+        assert set(ids.tolist()) & set(range(GROUP, 2 * GROUP))
+
+    def test_helpers(self):
+        matrix = sp.csr_matrix(np.array([[3.0, 1.0, 2.0], [0.0, 5.0, 5.0]]))
+        assert keep_top_per_row(matrix, 1).toarray().tolist() == [[3.0, 0, 0], [0, 5.0, 0]]  # tie: smaller column
+        weighted = bm25_weight(sp.csr_matrix(np.array([[1.0, 1.0], [1.0, 0.0], [1.0, 0.0]])))
+        assert weighted[0, 1] > weighted[0, 0]  # the item everyone plays weighs least
+
+    def test_bad_hyperparameters(self):
+        with pytest.raises(ValueError, match="neighbors"):
+            ItemKNN(neighbors=0)
+
+
+class TestEASE(RecommenderContract):
+    def make_model(self) -> EASE:
+        return EASE(regularization=1.0)
+
+    def expected_top2(self, user_items, user):
+        return own_group_missing(user)
+
+    def check_similar(self, item, ids):
+        # EASE weights are negative between items that stand in for each other in the
+        # checkerboard's cycle, so only the strongest neighbours are known to be in-group.
+        assert set(ids[:3].tolist()) <= set(range(GROUP)) - {item}
+
+    def test_closed_form(self, user_items):
+        """B solves min ||X − XB||² + λ||B||² with diag(B) = 0: the KKT stationarity holds."""
+        model = EASE(regularization=2.0).fit(user_items)
+        X = (user_items.toarray() > 0).astype(np.float64)
+        B = model.weights.astype(np.float64)
+        gradient = X.T @ (X @ B - X) + 2.0 * B
+        off_diagonal = ~np.eye(12, dtype=bool)
+        np.testing.assert_allclose(gradient[off_diagonal], 0, atol=1e-4)
+        assert np.all(np.diag(B) == 0)
+
+    def test_refuses_huge_catalog(self, user_items):
+        with pytest.raises(ValueError, match="max_items"):
+            EASE(max_items=5).fit(user_items)
+
+
+class TestNMF(RecommenderContract):
+    def make_model(self) -> NMFRecommender:
+        return NMFRecommender(factors=2, max_iter=500, seed=0)
+
+    def expected_top2(self, user_items, user):
+        return own_group_missing(user)
+
+    def check_similar(self, item, ids):
+        assert set(ids.tolist()) == set(range(GROUP)) - {item}
+
+    def test_factors_non_negative(self, model):
+        assert model.user_factors.min() >= 0 and model.item_factors.min() >= 0
+
+    @pytest.mark.parametrize("params", [{"factors": 0}, {"max_iter": 0}, {"regularization": -1.0}, {"l1_ratio": 2.0}])
+    def test_bad_hyperparameters(self, params):
+        with pytest.raises(ValueError, match=next(iter(params))):
+            NMFRecommender(**params)
 
 
 # --- quality against implicit ----------------------------------------------------------

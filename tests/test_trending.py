@@ -13,7 +13,11 @@ from app.config import TrendingSettings
 from training.trending import COLUMNS, trending_scores
 
 NOW = pd.Timestamp("2026-11-01T00:00:00Z")
-SETTINGS = TrendingSettings(window_hours=24, baseline_hours=144, min_plays=5, top_k=50)
+# A lenient significance budget: these tests check the model's mechanics on a hand-made log;
+# the default budget's quality is guarded on simulated worlds in test_trending_job.py.
+SETTINGS = TrendingSettings(
+    window_hours=24, baseline_hours=144, min_plays=5, top_k=50, false_trends_per_run=1.0
+)
 
 
 def plays(track_id, n: int, start_hours_ago: float, end_hours_ago: float, rng, event_type="play") -> pd.DataFrame:
@@ -95,15 +99,17 @@ def test_counts_under_min_plays_do_not_trend(events):
     """'quiet' quadruples its rate, which is significant, but 4 plays are under min_plays."""
     result = trending_scores(events, NOW, SETTINGS)
     assert "quiet" not in result["track_id"].tolist()
-    lenient = trending_scores(events, NOW, SETTINGS.model_copy(update={"min_plays": 1})).set_index("track_id")
-    assert lenient.loc["quiet", "score"] > 2
+    # With no floor and no significance bar, 'quiet' shows up as above its expectation.
+    everything = SETTINGS.model_copy(update={"min_plays": 1, "false_trends_per_run": 1e6})
+    lenient = trending_scores(events, NOW, everything).set_index("track_id")
+    assert lenient.loc["quiet", "score"] > 1
     assert "trickle" not in lenient.index  # 3 plays for a new track is below average, not a trend
 
 
 def test_event_weights_apply(events):
-    likes = plays("liked", 10, 24, 0, np.random.default_rng(5), event_type="like")
+    likes = plays("liked", 15, 24, 0, np.random.default_rng(5), event_type="like")
     result = trending_scores(pd.concat([events, likes]), NOW, SETTINGS).set_index("track_id")
-    assert result.loc["liked", "observed"] == 20  # likes weigh 2
+    assert result.loc["liked", "observed"] == 30  # likes weigh 2
 
 
 def test_top_k_caps_rows(events):

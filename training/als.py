@@ -21,7 +21,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from app.config import CFSettings
-from training.recommender import Recommender, check_user_items, check_weights
+from training.recommender import Recommender, cosine_to, check_user_items
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +113,14 @@ def half_step(
     alpha: float,
     cg_steps: int,
     block_size: int,
+    YtY: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Serial half-step: `solve_block` over row blocks. A Ray job replaces this loop with tasks."""
-    YtY = Y.T @ Y
+    """Serial half-step: `solve_block` over row blocks.
+
+    `training.als_ray` runs this on each worker's shard of rows, passing the `YtY` it computed
+    once for the whole fixed side.
+    """
+    YtY = Y.T @ Y if YtY is None else YtY
     out = np.empty_like(X)
     for start, stop in row_blocks(R.shape[0], block_size):
         out[start:stop] = solve_block(R[start:stop], X[start:stop], Y, YtY, regularization, alpha, cg_steps)
@@ -246,49 +251,29 @@ class ImplicitALS(Recommender):
         csr = check_user_items(user_items, (self.n_users, self.n_items))
         return training_loss(csr, self.user_factors, self.item_factors, self.regularization, self.alpha)
 
-    def _score(self, users: np.ndarray, items: np.ndarray | None) -> np.ndarray:
+    def _score(self, users: np.ndarray, items: np.ndarray | None, user_rows: sp.csr_matrix) -> np.ndarray:
         Y = self.item_factors if items is None else self.item_factors[items]
         return self.user_factors[users] @ Y.T
 
     def _similar_scores(self, item: int) -> np.ndarray:
-        """Cosine similarity: raw dot products would favour items with long vectors (popular ones)."""
-        norms = self._item_norms
-        denom = norms * norms[item]
-        dots = self.item_factors @ self.item_factors[item]
-        return np.divide(dots, denom, out=np.zeros_like(dots), where=denom > 0)
+        return cosine_to(self.item_factors, self._item_norms, item)
 
-    def fold_in(self, item_ids, weights=None) -> np.ndarray:
-        """A user vector for plays the model never saw, so a new listener gets CF scores now.
+    def _fold_in(self, items: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """One exact least-squares solve of the confidence-weighted objective, item factors fixed.
 
-        One exact least-squares solve of the same confidence-weighted objective with the item
-        factors fixed (the user half-step solved to convergence). Repeated ids add up, as they
-        would in the interaction matrix. Score items with `item_factors @ vector`.
+        That is the user half-step solved to convergence, so a new listener gets CF scores now;
+        score items with `item_factors @ vector`.
         """
-        self._check_fitted()
-        ids = np.asarray(item_ids)
-        if ids.ndim != 1:
-            raise ValueError(f"item_ids must be 1-D, got shape {ids.shape}")
-        if ids.size and not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"item_ids must be integer ids, got dtype {ids.dtype}")
-        ids = ids.astype(np.int64)
-        if ids.size and (ids.min() < 0 or ids.max() >= self.n_items):
-            bad = ids[(ids < 0) | (ids >= self.n_items)][0]
-            raise ValueError(f"item {bad} out of range [0, {self.n_items})")
-        if weights is None:
-            w = np.ones(len(ids), dtype=np.float64)
-        else:
-            w = np.asarray(weights, dtype=np.float64)
-            if w.shape != ids.shape:
-                raise ValueError(f"weights has shape {w.shape}, item_ids has shape {ids.shape}")
-            check_weights(w, "weights")
-        items, inverse = np.unique(ids, return_inverse=True)
-        r = np.bincount(inverse, weights=w, minlength=len(items)) if ids.size else np.zeros(0)
         Y = self.item_factors[items].astype(np.float64)
-        c_minus_1 = self.alpha * r
+        c_minus_1 = self.alpha * counts
         A = self._YtY + self.regularization * np.eye(self.factors) + (Y * c_minus_1[:, None]).T @ Y
-        b = Y.T @ np.where(r > 0, 1 + c_minus_1, 0.0)
+        b = Y.T @ np.where(counts > 0, 1 + c_minus_1, 0.0)
         try:
             return np.linalg.solve(A, b).astype(np.float32)
         except np.linalg.LinAlgError:
             # Only reachable with regularization 0 and rank-deficient item factors.
             return np.linalg.lstsq(A, b, rcond=None)[0].astype(np.float32)
+
+    def _score_vector(self, vector: np.ndarray, items: np.ndarray | None) -> np.ndarray:
+        Y = self.item_factors if items is None else self.item_factors[items]
+        return Y @ vector

@@ -30,9 +30,16 @@ class Popularity(Recommender):
         self.item_scores = np.asarray(user_items.sum(axis=0), dtype=np.float64).ravel().astype(np.float32)
         log.debug("Popularity over %d items, %d interactions", self.n_items, user_items.nnz)
 
-    def _score(self, users: np.ndarray, items: np.ndarray | None) -> np.ndarray:
+    def _score(self, users: np.ndarray, items: np.ndarray | None, user_rows: sp.csr_matrix) -> np.ndarray:
         scores = self.item_scores if items is None else self.item_scores[items]
         return np.broadcast_to(scores, (len(users), len(scores)))
+
+    def _fold_in(self, items: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """Popularity has no user state: the representation is empty."""
+        return np.zeros(0, dtype=np.float32)
+
+    def _score_vector(self, vector: np.ndarray, items: np.ndarray | None) -> np.ndarray:
+        return self.item_scores if items is None else self.item_scores[items]
 
     def _similar_scores(self, item: int) -> np.ndarray:
         return self.item_scores

@@ -8,6 +8,10 @@ The shared contract suite is `tests/test_recommenders.py`.
 
     model = ImplicitALS(factors=32).fit(user_items)
     ids, scores = model.recommend(user=3, user_items=user_items, k=10)
+    ids, scores = model.recommend_fold_in([4, 8, 15])   # a listener the model has not seen
+
+An unknown user raises `UnknownUserError` (a ValueError) so that serving can fall back to its
+cold-start path instead of guessing.
 """
 
 from __future__ import annotations
@@ -93,11 +97,29 @@ def top_k(
     return out_ids, best
 
 
+def cosine_to(vectors: np.ndarray, norms: np.ndarray, item: int) -> np.ndarray:
+    """Cosine similarity of every row of `vectors` to row `item` (0 for zero vectors).
+
+    Factor models use it for `similar_items`: raw dot products would favour long (popular) items.
+    """
+    denom = norms * norms[item]
+    dots = vectors @ vectors[item]
+    return np.divide(dots, denom, out=np.zeros_like(dots), where=denom > 0)
+
+
+class UnknownUserError(ValueError):
+    """The user is not in the fitted model: the serving layer answers with its cold-start path.
+
+    A ValueError subclass so that callers who only check input still catch it.
+    """
+
+
 class Recommender(ABC):
     """Fit on weighted implicit feedback, then rank items for users.
 
-    Subclasses implement `_fit`, `_score(users, items)` and `_similar_scores(item)`; this base
-    class does validation, seen-item filtering and top-k selection.
+    Subclasses implement `_fit`, `_score(users, items, user_rows)`, `_similar_scores(item)`,
+    `_fold_in(items, counts)` and `_score_vector(vector, items)`; this base class does
+    validation, seen-item filtering and top-k selection.
     """
 
     n_users: int | None = None
@@ -109,8 +131,20 @@ class Recommender(ABC):
         """Learn from validated, non-negative float32 CSR interactions."""
 
     @abstractmethod
-    def _score(self, users: np.ndarray, items: np.ndarray | None) -> np.ndarray:
-        """Dense (len(users), n_items or len(items)) scores; higher is better."""
+    def _score(self, users: np.ndarray, items: np.ndarray | None, user_rows: sp.csr_matrix) -> np.ndarray:
+        """Dense (len(users), n_items or len(items)) scores; higher is better.
+
+        `user_rows` are those users' rows of the `user_items` passed to `recommend`: item-based
+        models score from them (so a newer history counts at once), factor models ignore them.
+        """
+
+    @abstractmethod
+    def _fold_in(self, items: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """A user representation from summed weights `counts` on distinct item ids `items`."""
+
+    @abstractmethod
+    def _score_vector(self, vector: np.ndarray, items: np.ndarray | None) -> np.ndarray:
+        """Scores (n_items or len(items)) of every item for a `fold_in` representation."""
 
     @abstractmethod
     def _similar_scores(self, item: int) -> np.ndarray:
@@ -152,7 +186,7 @@ class Recommender(ABC):
         user = self._check_user(user)
         row = seen_rows(user_items, np.array([user]), (self.n_users, self.n_items))
         items = None if candidates is None else self._check_candidates(candidates)
-        scores = np.asarray(self._score(np.array([user]), items), dtype=np.float32).copy()
+        scores = np.asarray(self._score(np.array([user]), items, row), dtype=np.float32).copy()
         if filter_seen:
             seen = row.indices[row.data > 0]
             if items is None:
@@ -184,17 +218,17 @@ class Recommender(ABC):
         users = users.astype(np.int64)
         if users.size and (users.min() < 0 or users.max() >= self.n_users):
             bad = users[(users < 0) | (users >= self.n_users)][0]
-            raise ValueError(f"user {bad} out of range [0, {self.n_users})")
+            raise UnknownUserError(f"user {bad} out of range [0, {self.n_users})")
         csr = check_user_items(user_items, (self.n_users, self.n_items), check_values=False)
         width = min(k, self.n_items)
         out_ids = np.empty((len(users), width), dtype=np.int64)
         out_scores = np.empty((len(users), width), dtype=np.float32)
         for start in range(0, len(users), BATCH_CHUNK):
             chunk = users[start : start + BATCH_CHUNK]
-            scores = np.asarray(self._score(chunk, None), dtype=np.float32).copy()
+            rows = csr[chunk]
+            check_weights(rows.data, "user_items")
+            scores = np.asarray(self._score(chunk, None, rows), dtype=np.float32).copy()
             if filter_seen:
-                rows = csr[chunk]
-                check_weights(rows.data, "user_items")
                 mask = rows.data > 0
                 row_of = np.repeat(np.arange(len(chunk)), np.diff(rows.indptr))
                 scores[row_of[mask], rows.indices[mask]] = -np.inf
@@ -214,7 +248,66 @@ class Recommender(ABC):
         keep = ids[0] >= 0
         return ids[0][keep], best[0][keep]
 
+    def fold_in(self, item_ids, weights=None) -> np.ndarray:
+        """A user representation from plays the model never saw (a new or changed listener).
+
+        Repeated ids add up, as they would in the interaction matrix. For factor models this is
+        a factor vector (ALS: the exact user half-step); for item-based models the weighted
+        history itself. Rank with `recommend_fold_in`.
+        """
+        self._check_fitted()
+        items, counts = self._check_plays(item_ids, weights)
+        return self._fold_in(items, counts)
+
+    def recommend_fold_in(
+        self,
+        item_ids,
+        weights=None,
+        k: int = 10,
+        filter_seen: bool = True,
+        candidates: np.ndarray | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (item ids, scores) for a listener known only by `item_ids` (the cold-start path)."""
+        self._check_fitted()
+        self._check_k(k)
+        items, counts = self._check_plays(item_ids, weights)
+        vector = self._fold_in(items, counts)
+        subset = None if candidates is None else self._check_candidates(candidates)
+        scores = np.asarray(self._score_vector(vector, subset), dtype=np.float32).copy()[None, :]
+        if filter_seen:
+            seen = items[counts > 0]
+            if subset is None:
+                scores[0, seen] = -np.inf
+            else:
+                scores[0, np.isin(subset, seen)] = -np.inf
+        ids, best = top_k(scores, k, subset)
+        keep = ids[0] >= 0
+        return ids[0][keep], best[0][keep]
+
     # --- validation ------------------------------------------------------------------
+    def _check_plays(self, item_ids, weights) -> tuple[np.ndarray, np.ndarray]:
+        """Distinct item ids and their summed weights, or a ValueError naming the problem."""
+        ids = np.asarray(item_ids)
+        if ids.ndim != 1:
+            raise ValueError(f"item_ids must be 1-D, got shape {ids.shape}")
+        if ids.size and not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"item_ids must be integer ids, got dtype {ids.dtype}")
+        ids = ids.astype(np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.n_items):
+            bad = ids[(ids < 0) | (ids >= self.n_items)][0]
+            raise ValueError(f"item {bad} out of range [0, {self.n_items})")
+        if weights is None:
+            w = np.ones(len(ids), dtype=np.float64)
+        else:
+            w = np.asarray(weights, dtype=np.float64)
+            if w.shape != ids.shape:
+                raise ValueError(f"weights has shape {w.shape}, item_ids has shape {ids.shape}")
+            check_weights(w, "weights")
+        items, inverse = np.unique(ids, return_inverse=True)
+        counts = np.bincount(inverse, weights=w, minlength=len(items)) if ids.size else np.zeros(0)
+        return items, counts
+
+
     @property
     def is_fitted(self) -> bool:
         return self.n_users is not None
@@ -234,7 +327,7 @@ class Recommender(ABC):
         if isinstance(user, bool) or not isinstance(user, (int, np.integer)):
             raise ValueError(f"user must be an integer id, got {user!r}")
         if not 0 <= user < self.n_users:
-            raise ValueError(f"user {user} out of range [0, {self.n_users})")
+            raise UnknownUserError(f"user {user} out of range [0, {self.n_users})")
         return int(user)
 
     def _check_item(self, item: int) -> int:

@@ -18,14 +18,22 @@ class DeadLetterQueue:
         self.client = client
         self.key = key
 
-    def put(self, source: str, record: Any, reason: str) -> str:
-        entry = {
+    def put(self, source: str, record: Any, reason: str, stage: str = "", attempts: int = 0, stream_id: str = "") -> str:
+        return self.client.xadd(self.key, self.entry(source, record, reason, stage, attempts, stream_id)).decode()
+
+    @staticmethod
+    def entry(source: str, record: Any, reason: str, stage: str = "", attempts: int = 0, stream_id: str = "") -> dict[str, str]:
+        """The fields of one dead letter: what failed where, how often, and the original payload
+        (a string payload is kept verbatim, so a replay sees exactly what was stored)."""
+        return {
             "source": source,
             "reason": reason,
-            "record": json.dumps(record, default=str),
+            "stage": stage or source,
+            "attempts": str(attempts),
+            "stream_id": stream_id,
+            "record": record if isinstance(record, str) else json.dumps(record, default=str),
             "at_ms": str(int(time.time() * 1000)),
         }
-        return self.client.xadd(self.key, entry).decode()
 
     def entries(self, count: int = 1000) -> list[dict[str, Any]]:
         rows = self.client.xrange(self.key, count=count)

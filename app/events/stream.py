@@ -1,72 +1,158 @@
 """The durable event log: a Redis Stream with idempotent appends.
 
 Every accepted event is one stream entry holding its JSON. Appends go through one Lua script
-so that "first time we see this event_id → XADD, else report a duplicate" is atomic even
-with several gateway replicas: a client retrying after a timeout never double-counts.
+so that "first time we see this event_id → sessionise and XADD, else report a duplicate" is
+atomic even with several gateway replicas: a client retrying after a timeout never
+double-counts, and the gateway acknowledges only what the script put in the stream.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from enum import IntEnum
 from typing import Iterator
 
 import redis
 
-from app.schemas import SCHEMA_VERSION, Event
+from app.config import Settings
+from app.keys import Keys
 
-# KEYS[1] = stream, ARGV = dedup_prefix, ttl_s, then (event_id, payload) pairs.
-# Returns one entry per event: the stream id, or 0 for a duplicate.
+# KEYS[1] = stream. ARGV[1..5] = dedup prefix, dedup ttl (s), session prefix, session gap (ms),
+# session state ttl (s); then per event: event_id, fingerprint, user_id, timestamp ms, and the
+# event's JSON without its closing brace (the script appends the session id and the brace).
+# Returns per event a (status, stream id) pair: 1 accepted, 0 duplicate, -1 id reused for a
+# different event. Dedup, sessionisation and XADD are one atomic step: a retried event never
+# moves a session, and two replicas never both accept the same id.
 _APPEND = """
 local out = {}
-local prefix, ttl = ARGV[1], tonumber(ARGV[2])
-for i = 3, #ARGV, 2 do
-  if redis.call('SET', prefix .. ARGV[i], '1', 'NX', 'EX', ttl) then
-    out[#out + 1] = redis.call('XADD', KEYS[1], '*', 'e', ARGV[i + 1])
+local dprefix, dttl, sprefix, gap, sttl = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+for i = 6, #ARGV, 5 do
+  local id, fp, user, ts_s, head = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+  local seen = redis.call('GET', dprefix .. id)
+  if seen then
+    out[#out + 1] = (seen == fp) and 0 or -1
+    out[#out + 1] = ''
   else
-    out[#out + 1] = 0
+    local ts = tonumber(ts_s)
+    local skey = sprefix .. user
+    local state = redis.call('HMGET', skey, 'sid', 'last')
+    local sid, last = state[1], tonumber(state[2])
+    if sid and last and ts >= last - gap and ts <= last + gap then
+      if ts > last then
+        redis.call('HSET', skey, 'last', ts_s)
+        redis.call('EXPIRE', skey, sttl)
+      end
+    else
+      sid = string.sub(redis.sha1hex(user .. ':' .. ts_s), 1, 16)
+      -- an event older than the current session starts its own, without moving the state back
+      if not last or ts > last then
+        redis.call('HSET', skey, 'sid', sid, 'last', ts_s)
+        redis.call('EXPIRE', skey, sttl)
+      end
+    end
+    redis.call('SET', dprefix .. id, fp, 'EX', dttl)
+    out[#out + 1] = 1
+    out[#out + 1] = redis.call('XADD', KEYS[1], '*', 'e', head .. ',"session_id":"' .. sid .. '"}')
   end
 end
 return out
 """
 
 
-def event_to_json(event: Event, received_at_ms: int) -> str:
-    doc = event.model_dump(mode="json", exclude_none=True)
-    doc["timestamp"] = round(event.timestamp.timestamp() * 1000)  # epoch ms: the Parquet unit
-    doc["received_at_ms"] = received_at_ms
-    doc["schema_version"] = SCHEMA_VERSION
-    return json.dumps(doc, separators=(",", ":"))
+class AppendStatus(IntEnum):
+    accepted = 1
+    duplicate = 0
+    conflict = -1
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    status: AppendStatus
+    stream_id: str | None
+
+
+@dataclass(frozen=True)
+class PendingEvent:
+    """An enriched event ready to append: its stored document and its client fingerprint."""
+
+    event_id: str
+    user_id: str
+    timestamp_ms: int
+    fingerprint: str
+    document: dict
 
 
 @dataclass
 class StreamEntry:
     id: str
-    event: dict
+    event: dict | None
+    """The decoded event; None when the entry is not valid JSON (`raw` then says what it was)."""
+    raw: bytes = b""
+
+
+def decode_entry(entry_id: bytes | str, fields: dict) -> StreamEntry:
+    raw = fields.get(b"e", b"")
+    try:
+        event = json.loads(raw)
+    except (ValueError, TypeError):
+        event = None
+    if not isinstance(event, dict):
+        event = None
+    return StreamEntry(id=entry_id.decode() if isinstance(entry_id, bytes) else entry_id, event=event, raw=raw)
 
 
 class EventStream:
-    def __init__(self, client: redis.Redis, key: str, dedup_prefix: str, dedup_ttl_s: int = 7 * 24 * 3600):
+    def __init__(
+        self,
+        client: redis.Redis,
+        key: str,
+        dedup_prefix: str,
+        dedup_ttl_s: int = 7 * 24 * 3600,
+        session_prefix: str = "session:",
+        session_gap_s: float = 1800.0,
+    ):
         self.client = client
         self.key = key
         self.dedup_prefix = dedup_prefix
         self.dedup_ttl_s = dedup_ttl_s
+        self.session_prefix = session_prefix
+        self.session_gap_ms = int(session_gap_s * 1000)
+        # Session state outlives the gap so late uploads from an offline client still join.
+        self.session_ttl_s = max(24 * 3600, int(2 * session_gap_s))
         self._append = client.register_script(_APPEND)
 
-    def append(self, events: list[Event], received_at_ms: int) -> list[str | None]:
-        """Append in one atomic call; returns the stream id per event, None if a duplicate."""
+    @classmethod
+    def from_settings(cls, client: redis.Redis, settings: Settings) -> "EventStream":
+        keys = Keys(settings.redis.key_prefix)
+        return cls(
+            client,
+            settings.redis.stream_key,
+            keys.dedup(),
+            dedup_ttl_s=settings.gateway.dedup_window_s,
+            session_prefix=keys.session_state(),
+            session_gap_s=settings.gateway.session_gap_s,
+        )
+
+    def append(self, events: list[PendingEvent]) -> list[AppendResult]:
+        """Append in one atomic call: dedup, assign sessions, XADD. Redis errors propagate, so
+        the caller answers 503 and nothing is acknowledged that is not in the stream."""
         if not events:
             return []
-        argv: list[str | int] = [self.dedup_prefix, self.dedup_ttl_s]
-        for event in events:
-            argv += [str(event.event_id), event_to_json(event, received_at_ms)]
-        ids = self._append(keys=[self.key], args=argv)
-        return [i.decode() if isinstance(i, bytes) else None for i in ids]
+        argv: list[str | int] = [self.dedup_prefix, self.dedup_ttl_s, self.session_prefix, self.session_gap_ms, self.session_ttl_s]
+        for e in events:
+            head = json.dumps(e.document, separators=(",", ":"))
+            argv += [e.event_id, e.fingerprint, e.user_id, e.timestamp_ms, head[:-1]]
+        flat = self._append(keys=[self.key], args=argv)
+        return [
+            AppendResult(AppendStatus(int(flat[i])), flat[i + 1].decode() if flat[i + 1] else None)
+            for i in range(0, len(flat), 2)
+        ]
 
     def read(self, after: str = "0-0", count: int = 10_000) -> list[StreamEntry]:
         """Entries strictly after `after`, oldest first."""
         rows = self.client.xrange(self.key, min=f"({after}" if after != "0-0" else "-", max="+", count=count)
-        return [StreamEntry(id=i.decode(), event=json.loads(f[b"e"])) for i, f in rows]
+        return [decode_entry(i, f) for i, f in rows]
 
     def iter_from(self, after: str = "0-0", chunk: int = 10_000) -> Iterator[list[StreamEntry]]:
         while True:
@@ -78,3 +164,39 @@ class EventStream:
 
     def length(self) -> int:
         return int(self.client.xlen(self.key))
+
+
+def _parse_id(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def next_id(entry_id: str) -> str:
+    """The smallest stream id greater than `entry_id`."""
+    ms, seq = _parse_id(entry_id)
+    return f"{ms}-{seq + 1}"
+
+
+def trim_floor(client: redis.Redis, key: str, exported_through: str) -> str:
+    """The lowest id that must stay: past what export has made durable, and past nothing a
+    consumer group has not yet acknowledged (its oldest pending entry, or what it has not read)."""
+    floor = _parse_id(next_id(exported_through))
+    try:
+        groups = client.xinfo_groups(key)
+    except redis.ResponseError:  # no such stream
+        groups = []
+    for group in groups:
+        name = group["name"]
+        if int(group["pending"]) > 0:
+            oldest = client.xpending(key, name)["min"]
+            keep = _parse_id(oldest.decode() if isinstance(oldest, bytes) else oldest)
+        else:
+            last = group["last-delivered-id"]
+            keep = _parse_id(next_id(last.decode() if isinstance(last, bytes) else last))
+        floor = min(floor, keep)
+    return f"{floor[0]}-{floor[1]}"
+
+
+def trim_exported(client: redis.Redis, key: str, exported_through: str) -> int:
+    """Drop entries export has written durably and every consumer group has acknowledged."""
+    return int(client.xtrim(key, minid=trim_floor(client, key, exported_through), approximate=False))

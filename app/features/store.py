@@ -1,26 +1,68 @@
 """Online feature store: an interface, a Redis implementation and an in-process one.
 
 Writes are pipelined and non-transactional (as Feast's Redis store does): materialisation
-writes a fresh namespace and only the alias switch has to be atomic. Reads of any number of
-entities across views, plus ranked lists, go out as one pipeline: one network round trip.
+writes a fresh namespace nobody reads yet, so only the switch has to be atomic. The switch is
+one SET of the alias, whose value carries the namespace *and* the registry it was written
+with, so a reader learns both in one GET and always decodes with the matching view versions.
+Reads of any number of entities across views, plus ranked lists, go out as one pipeline.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, Iterable
 
 import redis
 
-from app.features.views import FeatureView
+from app.features.registry import FeatureView, Registry
 from app.keys import Keys
+
+Rows = Iterable[tuple[str, dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class LiveRead:
+    """Un-versioned live state read in the same round trip as the features: a list (e.g. the
+    plays the event consumer appended since training, newest first) or a hash (a user's
+    preferences). `n` bounds a list read."""
+
+    kind: str  # "list" | "hash"
+    key: str
+    n: int = 100
+
+
+@dataclass
+class StoreRead:
+    rows: list[dict[str, Any] | None]
+    rankings: list[list[tuple[str, float]]]
+    live: list[Any]
+    """Per LiveRead: a list of str, or a dict of str -> str (empty when absent)."""
+
+
+@dataclass(frozen=True)
+class Published:
+    """What readers should read: a materialisation's namespace and its registry."""
+
+    namespace: str
+    registry: Registry
+    meta: dict
+
+    def to_json(self) -> str:
+        return json.dumps({"namespace": self.namespace, "registry": json.loads(self.registry.to_json()), "meta": self.meta})
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "Published":
+        doc = json.loads(text)
+        return cls(doc["namespace"], Registry.model_validate(doc["registry"]), doc.get("meta", {}))
 
 
 class OnlineStore(ABC):
     @abstractmethod
-    def write(self, namespace: str, view: FeatureView, rows: Iterable[tuple[str, dict[str, Any]]]) -> int:
-        """Write (entity_id, row) pairs; returns how many were written."""
+    def write(self, namespace: str, view: FeatureView, rows: Rows) -> int:
+        """Write (entity_id, row) pairs, replacing earlier rows; returns how many were written."""
 
     @abstractmethod
     def write_ranking(self, namespace: str, name: str, scores: dict[str, float], ttl_s: int) -> None:
@@ -28,35 +70,47 @@ class OnlineStore(ABC):
 
     @abstractmethod
     def read(
-        self, namespace: str, requests: list[tuple[FeatureView, str]], rankings: list[tuple[str, int]] = ()
-    ) -> tuple[list[dict[str, Any] | None], list[list[tuple[str, float]]]]:
-        """Rows for (view, entity_id) requests (None when absent) and the top-n of each ranking."""
+        self,
+        namespace: str,
+        requests: list[tuple[FeatureView, str]],
+        rankings: Iterable[tuple[str, int]] = (),
+        live: Iterable[LiveRead] = (),
+    ) -> StoreRead:
+        """Rows for (view, entity_id) requests (None when absent or expired), the top-n of
+        each ranking (best first) and the live reads, in one round trip."""
 
     @abstractmethod
-    def current_namespace(self) -> str | None: ...
+    def current(self) -> Published | None:
+        """The published namespace and registry, or None before the first materialisation."""
 
     @abstractmethod
-    def set_current_namespace(self, namespace: str) -> None: ...
+    def publish(self, published: Published) -> Published | None:
+        """Atomically point readers at a namespace; returns what was published before."""
+
+    @abstractmethod
+    def expire_namespace(self, namespace: str, seconds: int) -> int:
+        """Let an old namespace's keys expire after a grace period; returns how many keys."""
 
 
 class RedisOnlineStore(OnlineStore):
-    def __init__(self, client: redis.Redis, keys: Keys):
+    def __init__(self, client: redis.Redis, keys: Keys, write_batch: int = 500):
         self.client = client
         self.keys = keys
+        self.write_batch = write_batch
 
-    def write(self, namespace, view, rows, batch: int = 500) -> int:
+    def write(self, namespace, view, rows) -> int:
         pipe = self.client.pipeline(transaction=False)
         n = 0
         for entity_id, row in rows:
-            key = self.keys.feature_hash(namespace, view.name, entity_id)
             mapping = view.encode(row)
             if not mapping:
                 continue
+            key = self.keys.feature_hash(namespace, view.key, entity_id)
             pipe.delete(key)
             pipe.hset(key, mapping=mapping)
             pipe.expire(key, view.ttl_s)
             n += 1
-            if n % batch == 0:
+            if n % self.write_batch == 0:
                 pipe.execute()
         pipe.execute()
         return n
@@ -70,33 +124,59 @@ class RedisOnlineStore(OnlineStore):
             pipe.expire(key, ttl_s)
         pipe.execute()
 
-    def read(self, namespace, requests, rankings=()):
+    def read(self, namespace, requests, rankings=(), live=()):
+        rankings, live = list(rankings), list(live)
         pipe = self.client.pipeline(transaction=False)
         for view, entity_id in requests:
-            pipe.hgetall(self.keys.feature_hash(namespace, view.name, entity_id))
+            pipe.hgetall(self.keys.feature_hash(namespace, view.key, entity_id))
         for name, n in rankings:
             pipe.zrevrange(self.keys.ranking(namespace, name), 0, n - 1, withscores=True)
+        for item in live:
+            if item.kind == "list":
+                pipe.lrange(item.key, 0, item.n - 1)
+            else:
+                pipe.hgetall(item.key)
         results = pipe.execute()
         rows = [view.decode(raw) if raw else None for (view, _), raw in zip(requests, results)]
-        ranked = [[(m.decode(), float(s)) for m, s in r] for r in results[len(requests):]]
-        return rows, ranked
+        end = len(requests) + len(rankings)
+        ranked = [[(m.decode(), float(s)) for m, s in r] for r in results[len(requests):end]]
+        lives = [
+            [v.decode() for v in raw] if item.kind == "list" else {k.decode(): v.decode() for k, v in raw.items()}
+            for item, raw in zip(live, results[end:])
+        ]
+        return StoreRead(rows, ranked, lives)
 
-    def current_namespace(self) -> str | None:
+    def current(self) -> Published | None:
         value = self.client.get(self.keys.feature_alias())
-        return value.decode() if value else None
+        return Published.from_json(value) if value else None
 
-    def set_current_namespace(self, namespace: str) -> None:
-        self.client.set(self.keys.feature_alias(), namespace)
+    def publish(self, published: Published) -> Published | None:
+        previous = self.client.set(self.keys.feature_alias(), published.to_json(), get=True)
+        return Published.from_json(previous) if previous else None
+
+    def expire_namespace(self, namespace: str, seconds: int) -> int:
+        n = 0
+        pipe = self.client.pipeline(transaction=False)
+        for key in self.client.scan_iter(match=self.keys.namespace_pattern(namespace), count=1000):
+            pipe.expire(key, seconds)
+            n += 1
+        pipe.execute()
+        return n
 
 
 class InMemoryOnlineStore(OnlineStore):
-    """Same contract in a dict: for unit tests of serving logic and a degraded-mode snapshot."""
+    """The same contract in a dict: for unit tests and as the shape of a local snapshot."""
 
     def __init__(self, clock=time.monotonic):
         self._rows: dict[tuple[str, str, str], tuple[dict[str, Any], float]] = {}
         self._rankings: dict[tuple[str, str], tuple[dict[str, float], float]] = {}
-        self._alias: str | None = None
+        self._published: Published | None = None
+        self._live: dict[str, Any] = {}
         self._clock = clock
+
+    def set_live(self, key: str, value: list[str] | dict[str, str]) -> None:
+        """What the event consumer (a list) or the preferences API (a hash) would have written."""
+        self._live[key] = value
 
     def write(self, namespace, view, rows) -> int:
         n = 0
@@ -104,29 +184,47 @@ class InMemoryOnlineStore(OnlineStore):
             encoded = view.encode(row)
             if not encoded:
                 continue
+            # Round-trip through the encoding so both stores return identical values and types.
             decoded = view.decode({k.encode(): v if isinstance(v, bytes) else v.encode() for k, v in encoded.items()})
-            self._rows[(namespace, view.name, entity_id)] = (decoded, self._clock() + view.ttl_s)
+            self._rows[(namespace, view.key, entity_id)] = (decoded, self._clock() + view.ttl_s)
             n += 1
         return n
 
     def write_ranking(self, namespace, name, scores, ttl_s) -> None:
         self._rankings[(namespace, name)] = (dict(scores), self._clock() + ttl_s)
 
-    def read(self, namespace, requests, rankings=()):
+    def read(self, namespace, requests, rankings=(), live=()):
         now = self._clock()
         rows = []
         for view, entity_id in requests:
-            hit = self._rows.get((namespace, view.name, entity_id))
+            hit = self._rows.get((namespace, view.key, entity_id))
             rows.append(dict(hit[0]) if hit and hit[1] > now else None)
         ranked = []
         for name, n in rankings:
             hit = self._rankings.get((namespace, name))
-            items = sorted(hit[0].items(), key=lambda kv: -kv[1])[:n] if hit and hit[1] > now else []
-            ranked.append(items)
-        return rows, ranked
+            ranked.append(sorted(hit[0].items(), key=lambda kv: -kv[1])[:n] if hit and hit[1] > now else [])
+        lives = [
+            list(self._live.get(item.key, []))[: item.n] if item.kind == "list" else dict(self._live.get(item.key, {}))
+            for item in live
+        ]
+        return StoreRead(rows, ranked, lives)
 
-    def current_namespace(self) -> str | None:
-        return self._alias
+    def current(self) -> Published | None:
+        return self._published
 
-    def set_current_namespace(self, namespace: str) -> None:
-        self._alias = namespace
+    def publish(self, published: Published) -> Published | None:
+        previous, self._published = self._published, published
+        return previous
+
+    def expire_namespace(self, namespace: str, seconds: int) -> int:
+        deadline = self._clock() + seconds
+        n = 0
+        for key, (row, exp) in list(self._rows.items()):
+            if key[0] == namespace:
+                self._rows[key] = (row, min(exp, deadline))
+                n += 1
+        for key, (scores, exp) in list(self._rankings.items()):
+            if key[0] == namespace:
+                self._rankings[key] = (scores, min(exp, deadline))
+                n += 1
+        return n

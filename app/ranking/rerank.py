@@ -5,8 +5,9 @@ MMR picks, one at a time, the candidate maximising
 so near-duplicates of an earlier pick sink. The similarity row of each pick is computed once
 and folded into a running maximum, so the whole pass costs O(k · n) vector work.
 
-The artist cap skips a candidate whose artist is already at the cap and keeps going down the
-list, so the response stays k long whenever enough other artists exist.
+Caps (at most `artist_cap` tracks per artist, at most `genre_cap` per genre: the genre
+balance) skip a candidate whose group is full and keep going down the list, so the response
+stays k long whenever enough other candidates exist, rather than shortening it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ def mmr_rerank(
     lam: float,
     artists: np.ndarray | None = None,
     artist_cap: int | None = None,
+    genres: np.ndarray | None = None,
+    genre_cap: int | None = None,
 ) -> np.ndarray:
     """Positions (into `relevance`) of the re-ranked top k."""
     n = len(relevance)
@@ -32,18 +35,17 @@ def mmr_rerank(
     emb = np.asarray(embeddings, dtype=np.float64)
     max_sim = np.zeros(n)
     available = np.ones(n, dtype=bool)
-    per_artist: dict = {}
+    caps = [(g, c, {}) for g, c in ((artists, artist_cap), (genres, genre_cap)) if g is not None and c is not None]
     picked: list[int] = []
     while len(picked) < k and available.any():
         gain = lam * rel - (1.0 - lam) * max_sim
         gain[~available] = -np.inf
         best = int(np.argmax(gain))
         available[best] = False
-        if artists is not None and artist_cap is not None:
-            artist = artists[best]
-            if per_artist.get(artist, 0) >= artist_cap:
-                continue
-            per_artist[artist] = per_artist.get(artist, 0) + 1
+        if any(counts.get(groups[best], 0) >= cap for groups, cap, counts in caps):
+            continue
+        for groups, _, counts in caps:
+            counts[groups[best]] = counts.get(groups[best], 0) + 1
         picked.append(best)
         np.maximum(max_sim, emb @ emb[best], out=max_sim)
     return np.asarray(picked, dtype=np.int64)

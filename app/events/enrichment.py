@@ -1,0 +1,114 @@
+"""What the server adds to an event: device type, locale, receive time, schema version, and
+the idempotency fingerprint. Pure functions; sessionisation, which needs per-user state, runs
+inside the stream's append script (`app/events/stream.py`) so that it is atomic with the
+duplicate check: a retried event never moves a user's session.
+
+    enriched = enrich(event, RequestContext.from_headers(ua, accept_language, received_at_ms))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+
+from app.schemas import SCHEMA_VERSION, Event
+
+DEVICE_TYPES = ("mobile", "tablet", "desktop", "tv", "bot")
+
+# Order matters: bots and TVs often also claim to be desktop or Android browsers.
+_BOT = re.compile(r"bot\b|bot/|crawl|spider|slurp|curl/|wget/|python-|httpx|okhttp|java/|go-http|headless|monitor", re.I)
+_TV = re.compile(r"smart-?tv|googletv|google tv|appletv|apple ?tv|hbbtv|roku|tizen|web0?s|netcast|crkey|aft[bsmt]\b|bravia|\btv\b", re.I)
+_TABLET = re.compile(r"ipad|tablet|kindle|silk/|playbook|nexus (7|9|10)\b|sm-t\d", re.I)
+_MOBILE = re.compile(r"mobi|iphone|ipod|windows phone|blackberry|bb10|opera mini|android", re.I)
+_LOCALE = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$")
+
+
+def device_type(user_agent: str | None) -> str | None:
+    """mobile, tablet, desktop, tv or bot; None when there is no User-Agent to go on."""
+    if not user_agent or not user_agent.strip():
+        return None
+    if _BOT.search(user_agent):
+        return "bot"
+    if _TV.search(user_agent):
+        return "tv"
+    # Android tablets omit "Mobile"; Android phones include it.
+    if _TABLET.search(user_agent) or ("android" in user_agent.lower() and "mobile" not in user_agent.lower()):
+        return "tablet"
+    if _MOBILE.search(user_agent):
+        return "mobile"
+    return "desktop"
+
+
+def normalise_locale(tag: str) -> str | None:
+    """`en_us` / `EN-us` -> `en-US`; None for anything that is not a language tag."""
+    tag = tag.strip().replace("_", "-")
+    if not _LOCALE.match(tag) or len(tag) > 35:
+        return None
+    lang, *rest = tag.split("-")
+    return "-".join([lang.lower(), *(p.upper() if len(p) == 2 else p for p in rest)])
+
+
+def preferred_locale(accept_language: str | None) -> str | None:
+    """The highest-q language tag of an Accept-Language header (ties: first listed)."""
+    if not accept_language:
+        return None
+    best, best_q = None, 0.0
+    for part in accept_language.split(","):
+        tag, _, params = part.strip().partition(";")
+        q = 1.0
+        for param in params.split(";"):
+            name, _, value = param.strip().partition("=")
+            if name == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        locale = normalise_locale(tag) if tag.strip() != "*" else None
+        if locale and q > best_q:
+            best, best_q = locale, q
+    return best
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    """What the server knows about the request an event came in."""
+
+    received_at_ms: int
+    device_type: str | None = None
+    locale: str | None = None
+
+    @classmethod
+    def from_headers(cls, user_agent: str | None, accept_language: str | None, received_at_ms: int) -> "RequestContext":
+        return cls(received_at_ms=received_at_ms, device_type=device_type(user_agent), locale=preferred_locale(accept_language))
+
+
+# Client fields that describe where an event was sent from rather than what happened: a retry
+# from another device is the same event, and the server sets or normalises these itself.
+_CONTEXT_FIELDS = ("session_id", "device_type", "locale")
+
+
+@dataclass(frozen=True)
+class Enriched:
+    fingerprint: str
+    """sha1 of what the client said happened, so a retry (same id, same content) is a
+    duplicate and a reused id with different content is rejected, not silently dropped."""
+    document: dict
+    """The stored document, minus `session_id` (added atomically at append)."""
+
+
+def enrich(event: Event, ctx: RequestContext) -> Enriched:
+    doc = event.model_dump(mode="json", exclude_none=True)
+    context = {k: doc.pop(k) for k in _CONTEXT_FIELDS if k in doc}
+    doc["timestamp"] = round(event.timestamp.timestamp() * 1000)  # epoch ms: the Parquet unit
+    digest = hashlib.sha1(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    doc["received_at_ms"] = ctx.received_at_ms
+    doc["schema_version"] = SCHEMA_VERSION
+    device = context.get("device_type") if context.get("device_type") in DEVICE_TYPES else ctx.device_type
+    if device:
+        doc["device_type"] = device
+    locale = (normalise_locale(context["locale"]) if context.get("locale") else None) or ctx.locale
+    if locale:
+        doc["locale"] = locale
+    return Enriched(fingerprint=digest, document=doc)

@@ -1,0 +1,64 @@
+"""One POST /v1/events, start to finish, without Ray: validate, enrich, append, answer.
+
+The gateway deployment is a thin wrapper around `EventIngestor`, so the whole ingestion
+contract (statuses, 422 paths, 503 when Redis is gone) is testable against a real Redis in
+milliseconds.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+
+import redis
+
+from app.config import GatewaySettings
+from app.events.enrichment import RequestContext, enrich
+from app.events.stream import AppendStatus, EventStream, PendingEvent
+from app.events.validation import parse_events
+from app.schemas import EventResult, EventStatus, IngestResponse
+
+log = logging.getLogger(__name__)
+
+CONFLICT_REASON = "event_id already used for a different event"
+
+
+class StorageUnavailable(RuntimeError):
+    """Redis could not be reached: nothing was acknowledged, the client should retry."""
+
+
+class EventIngestor:
+    def __init__(self, stream: EventStream, settings: GatewaySettings):
+        self.stream = stream
+        self.settings = settings
+
+    def ingest(self, body: object, ctx: RequestContext, now: datetime) -> IngestResponse:
+        """Raises EventValidationError (→ 422, nothing stored) or StorageUnavailable (→ 503)."""
+        events = parse_events(body, self.settings, now)
+        pending = []
+        for e in events:
+            enriched = enrich(e, ctx)
+            doc = enriched.document
+            pending.append(PendingEvent(doc["event_id"], doc["user_id"], doc["timestamp"], enriched.fingerprint, doc))
+        try:
+            appended = self.stream.append(pending)
+        except redis.RedisError as exc:
+            # Includes timeouts: the script may or may not have run, so the client must retry;
+            # a retry of what did land is reported as a duplicate, never stored twice.
+            log.warning("event append failed, answering 503: %s", type(exc).__name__)
+            raise StorageUnavailable(str(exc)) from exc
+        results, counts = [], {s: 0 for s in AppendStatus}
+        for event, res in zip(events, appended):
+            counts[res.status] += 1
+            if res.status is AppendStatus.accepted:
+                results.append(EventResult(event_id=event.event_id, status=EventStatus.accepted))
+            elif res.status is AppendStatus.duplicate:
+                results.append(EventResult(event_id=event.event_id, status=EventStatus.duplicate))
+            else:
+                results.append(EventResult(event_id=event.event_id, status=EventStatus.rejected, reason=CONFLICT_REASON))
+        return IngestResponse(
+            accepted=counts[AppendStatus.accepted],
+            duplicates=counts[AppendStatus.duplicate],
+            rejected=counts[AppendStatus.conflict],
+            results=results,
+        )

@@ -1,0 +1,140 @@
+"""Experiment definitions and kill switches in Redis.
+
+Definitions are one hash (name -> JSON). Starting an experiment claims a free range of its
+layer's buckets under WATCH, so two operators starting experiments in one layer at once can
+never give them overlapping users. Killed variants live in a second hash that is written
+with one HSET: the rollback path needs nothing else to succeed.
+
+    registry = ExperimentRegistry(client, Keys(prefix))
+    registry.create(Experiment(...)); registry.start("mmr-test"); registry.kill("mmr-test", "low-lambda", "why")
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Callable
+
+import redis
+from pydantic import ValidationError
+
+from app.experiments.definitions import LAYER_BUCKETS, Experiment
+from app.keys import Keys
+
+log = logging.getLogger(__name__)
+
+
+class ExperimentError(ValueError):
+    """An operation the current state does not allow (unknown name, already running, no room)."""
+
+
+def kill_field(experiment: str, variant: str) -> str:
+    return f"{experiment}/{variant}"
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def free_range(taken: list[tuple[int, int]], width: int) -> tuple[int, int] | None:
+    """First gap of `width` buckets between the ranges already taken in a layer."""
+    start = 0
+    for lo, hi in sorted(taken):
+        if lo - start >= width:
+            return start, start + width
+        start = max(start, hi)
+    return (start, start + width) if LAYER_BUCKETS - start >= width else None
+
+
+def parse_definitions(raw: dict) -> tuple[list[Experiment], dict[str, str]]:
+    """Valid experiments, and per name why the others could not be read. A hand-edited bad
+    definition is skipped (its users get the defaults), never a reason to fail a request."""
+    good, bad = [], {}
+    for name, text in raw.items():
+        name = name.decode() if isinstance(name, bytes) else name
+        try:
+            good.append(Experiment.model_validate_json(text))
+        except ValidationError as exc:
+            bad[name] = str(exc.errors()[0]["msg"])
+    return good, bad
+
+
+class ExperimentRegistry:
+    def __init__(self, client: redis.Redis, keys: Keys):
+        self.client = client
+        self.keys = keys
+
+    def get(self, name: str) -> Experiment:
+        raw = self.client.hget(self.keys.experiments(), name)
+        if raw is None:
+            raise ExperimentError(f"no experiment named {name!r}")
+        return Experiment.model_validate_json(raw)
+
+    def list(self) -> list[Experiment]:
+        good, bad = parse_definitions(self.client.hgetall(self.keys.experiments()))
+        for name, why in bad.items():
+            log.warning("experiment %s has an invalid definition: %s", name, why)
+        return sorted(good, key=lambda e: e.name)
+
+    def create(self, experiment: Experiment) -> Experiment:
+        draft = experiment.model_copy(update={"status": "draft", "buckets": None, "started_at_ms": None, "stopped_at_ms": None})
+        if not self.client.hsetnx(self.keys.experiments(), draft.name, draft.model_dump_json()):
+            raise ExperimentError(f"experiment {draft.name!r} already exists")
+        return draft
+
+    def _update(self, name: str, change: Callable[[Experiment, list[Experiment]], Experiment]) -> Experiment:
+        """Read-modify-write of one definition under WATCH; `change` sees every definition."""
+        key = self.keys.experiments()
+        with self.client.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    good, _ = parse_definitions(pipe.hgetall(key))
+                    by_name = {e.name: e for e in good}
+                    if name not in by_name:
+                        raise ExperimentError(f"no experiment named {name!r}")
+                    updated = change(by_name[name], good)
+                    pipe.multi()
+                    pipe.hset(key, name, updated.model_dump_json())
+                    pipe.execute()
+                    return updated
+                except redis.WatchError:
+                    continue
+
+    def start(self, name: str) -> Experiment:
+        """Claim a free bucket range in the layer and start assigning."""
+
+        def claim(exp: Experiment, all_: list[Experiment]) -> Experiment:
+            if exp.status != "draft":
+                raise ExperimentError(f"experiment {name!r} is {exp.status}; only a draft can start")
+            taken = [e.buckets for e in all_ if e.layer == exp.layer and e.status == "running" and e.buckets]
+            buckets = free_range(taken, max(1, round(exp.traffic * LAYER_BUCKETS)))
+            if buckets is None:
+                raise ExperimentError(f"layer {exp.layer!r} has no free {exp.traffic:.1%} of traffic left")
+            return exp.model_copy(update={"status": "running", "buckets": buckets, "started_at_ms": _now_ms()})
+
+        return self._update(name, claim)
+
+    def stop(self, name: str) -> Experiment:
+        """The experiment-wide kill switch: replicas stop assigning within their refresh."""
+        return self._update(name, lambda exp, _: exp.model_copy(update={"status": "stopped", "stopped_at_ms": _now_ms()}))
+
+    def kill(self, experiment: str, variant: str, reason: str) -> None:
+        """Stop assigning one variant (automatic rollback); its users fall back to defaults."""
+        self.client.hset(self.keys.experiment_kills(), kill_field(experiment, variant), json.dumps({"reason": reason, "at_ms": _now_ms()}))
+        log.warning("killed variant %s of experiment %s: %s", variant, experiment, reason)
+
+    def killed(self) -> dict[str, dict]:
+        raw = self.client.hgetall(self.keys.experiment_kills())
+        return {k.decode(): json.loads(v) for k, v in raw.items()}
+
+    def snapshot(self) -> tuple[list[Experiment], set[str]]:
+        """Running experiments and killed variants, in one round trip."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hgetall(self.keys.experiments()).hkeys(self.keys.experiment_kills())
+        definitions, kills = pipe.execute()
+        good, bad = parse_definitions(definitions)
+        for name, why in bad.items():
+            log.warning("skipping experiment %s, its definition is invalid: %s", name, why)
+        return [e for e in good if e.status == "running" and e.buckets], {k.decode() for k in kills}

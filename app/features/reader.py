@@ -1,0 +1,88 @@
+"""Serving-side feature reads that survive a Redis outage.
+
+Every successful read also lands in a bounded in-process snapshot (LRU by entity, plus the
+latest ranked lists). When Redis is unreachable the reader answers from that snapshot and
+flags the result stale, so a request degrades instead of failing: a user read recently still
+gets their features, anyone else gets the cold-start path with the cached popular list.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from app.features.store import LiveRead, OnlineStore, Published
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FeatureRead:
+    rows: list[dict[str, Any] | None]
+    rankings: list[list[tuple[str, float]]]
+    namespace: str | None
+    live: list = field(default_factory=list)
+    stale: bool = False
+    meta: dict = field(default_factory=dict)
+
+
+class FeatureReader:
+    def __init__(self, store: OnlineStore, refresh_s: float, max_entries: int, clock=time.monotonic):
+        self.store = store
+        self.refresh_s = refresh_s
+        self.max_entries = max_entries
+        self.clock = clock
+        self._published: Published | None = None
+        self._checked = -float("inf")
+        self._rows: OrderedDict[tuple[str, str], dict[str, Any] | None] = OrderedDict()
+        self._rankings: dict[str, list[tuple[str, float]]] = {}
+
+    def _current(self) -> Published | None:
+        # The alias moves once per materialisation; re-reading it every `refresh_s` keeps a
+        # steady-state read at one round trip.
+        now = self.clock()
+        if self._published is None or now - self._checked >= self.refresh_s:
+            self._published = self.store.current()
+            self._checked = now
+        return self._published
+
+    def read(
+        self, requests: list[tuple[str, str]], rankings: list[tuple[str, int]] = (), live: list[LiveRead] = ()
+    ) -> FeatureRead:
+        """`requests` are (view name, entity id); `rankings` are (name, top n); `live` are
+        un-versioned reads (recent plays, preferences) done in the same round trip."""
+        try:
+            published = self._current()
+            if published is None:
+                return FeatureRead([None] * len(requests), [[] for _ in rankings], None, self._empty_live(live))
+            views = [(published.registry[name], entity) for name, entity in requests]
+            result = self.store.read(published.namespace, views, rankings, live)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            log.warning("online store unreachable, serving the local snapshot: %s", exc)
+            return self._from_snapshot(requests, rankings, live)
+        self._remember(requests, result.rows, rankings, result.rankings)
+        return FeatureRead(result.rows, result.rankings, published.namespace, result.live, meta=published.meta)
+
+    @staticmethod
+    def _empty_live(live) -> list:
+        return [[] if item.kind == "list" else {} for item in live]
+
+    def _remember(self, requests, rows, rankings, ranked) -> None:
+        for key, row in zip(requests, rows):
+            self._rows[key] = row
+            self._rows.move_to_end(key)
+        while len(self._rows) > self.max_entries:
+            self._rows.popitem(last=False)
+        for (name, _), items in zip(rankings, ranked):
+            self._rankings[name] = items
+
+    def _from_snapshot(self, requests, rankings, live) -> FeatureRead:
+        rows = [self._rows.get(key) for key in requests]
+        ranked = [self._rankings.get(name, [])[:n] for name, n in rankings]
+        namespace = self._published.namespace if self._published else None
+        return FeatureRead(rows, ranked, namespace, self._empty_live(live), stale=True)

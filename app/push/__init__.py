@@ -1,0 +1,1 @@
+"""Web push: VAPID keys, listeners' subscriptions in Redis, and the trend notifier."""

@@ -1,0 +1,101 @@
+"""Online feature reads: p50/p99 for 1, 20 and 500 entities, against a raw redis-py pipeline.
+
+    .venv/bin/python benchmarks/feature_fetch.py [--repeats 400]
+
+Starts its own redis-server (loopback, free port). Both sides fetch the same user_profile
+hashes in one pipeline; ours also decodes them (float32 vectors, JSON lists, ints), so the
+ratio is the price of the store's abstraction and decoding over the bare network round trip.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import redis
+
+from app.config import PROJECT_ROOT
+from app.features.registry import load_registry
+from app.features.store import RedisOnlineStore
+from app.keys import Keys
+from app.redis_server import EmbeddedRedis
+
+
+def percentiles(samples: list[float]) -> tuple[float, float]:
+    arr = np.asarray(samples) * 1000
+    return float(np.percentile(arr, 50)), float(np.percentile(arr, 99))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=400)
+    parser.add_argument("--users", type=int, default=2000)
+    args = parser.parse_args()
+
+    view = load_registry(PROJECT_ROOT / "feature_repo")["user_profile"]
+    keys = Keys("bench")
+    rng = np.random.default_rng(0)
+    with EmbeddedRedis(Path(tempfile.mkdtemp()), appendonly=False) as server:
+        client = redis.Redis.from_url(server.url)
+        store = RedisOnlineStore(client, keys)
+        store.write(
+            "ns",
+            view,
+            (
+                (
+                    f"u{i}",
+                    {
+                        "cf_vector": rng.normal(size=32).astype(np.float32),
+                        "recent_tracks": [f"t{j:05d}" for j in rng.integers(0, 800, 20)],
+                        "seen_tracks": [f"t{j:05d}" for j in rng.integers(0, 800, 60)],
+                        "top_genres": ["rock", "jazz"],
+                        "n_plays": int(rng.integers(1, 500)),
+                    },
+                )
+                for i in range(args.users)
+            ),
+        )
+        results = {}
+        for n in (1, 20, 500):
+            ours, raw = [], []
+            for r in range(args.repeats):
+                ids = [f"u{j}" for j in rng.choice(args.users, n, replace=False)]
+                # Alternate the order so drift on a noisy machine hits both sides alike.
+                for side in ((0, 1) if r % 2 else (1, 0)):
+                    start = time.perf_counter()
+                    if side == 0:
+                        rows = store.read("ns", [(view, e) for e in ids]).rows
+                        assert rows[0] is not None
+                        ours.append(time.perf_counter() - start)
+                    else:
+                        pipe = client.pipeline(transaction=False)
+                        for e in ids:
+                            pipe.hgetall(keys.feature_hash("ns", view.key, e))
+                        assert pipe.execute()[0]
+                        raw.append(time.perf_counter() - start)
+            (p50, p99), (rp50, rp99) = percentiles(ours), percentiles(raw)
+            results[n] = {"p50_ms": p50, "p99_ms": p99, "raw_p50_ms": rp50, "raw_p99_ms": rp99,
+                          "ratio_p50": p50 / rp50, "ratio_p99": p99 / rp99}
+            print(f"{n:>4} entities: ours p50 {p50:.3f} ms p99 {p99:.3f} ms | raw pipeline p50 {rp50:.3f} ms "
+                  f"p99 {rp99:.3f} ms | ratio p50 {p50 / rp50:.2f} p99 {p99 / rp99:.2f}")
+    summary = {
+        "p50_ms_1": round(results[1]["p50_ms"], 3),
+        "p99_ms_1": round(results[1]["p99_ms"], 3),
+        "p50_ms_20": round(results[20]["p50_ms"], 3),
+        "p99_ms_20": round(results[20]["p99_ms"], 3),
+        "p50_ms_500": round(results[500]["p50_ms"], 3),
+        "p99_ms_500": round(results[500]["p99_ms"], 3),
+        "ratio_vs_raw_500": round(statistics.median([results[500]["ratio_p50"], results[500]["ratio_p99"]]), 3),
+        "ratio_p50_vs_raw_500": round(results[500]["ratio_p50"], 3),
+        "ratio_p99_vs_raw_500": round(results[500]["ratio_p99"], 3),
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

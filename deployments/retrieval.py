@@ -1,0 +1,70 @@
+"""Candidate retrieval deployments, fanned out in parallel by the ingress.
+
+Both batch requests with `@serve.batch`: per-call overhead, not the arithmetic, limits a Serve
+chain on small machines, and a batch of users is one matrix product instead of many.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from ray import serve
+
+from app.artifacts import ArtifactStore
+from app.config import Settings
+from app.models import ModelBundle, ModelCache
+from app.recommend import Retrieved, UserFeatures, retrieve_cf, retrieve_content
+from deployments.tuning import Tunable
+
+
+def fold_in_vector(features: UserFeatures, bundle: ModelBundle, model) -> np.ndarray | None:
+    """The user's vector with plays since the last training folded in (exact ALS half-step
+    over their whole known history), so one new session changes the next recommendations."""
+    fresh = features.fresh_plays
+    if not fresh or model is None:
+        return features.cf_vector
+    items = bundle.indices(list(features.seen_tracks) + fresh)
+    if not len(items):
+        return features.cf_vector
+    return model.fold_in(items)
+
+
+class _Retriever(Tunable):
+    def __init__(self, settings: Settings):
+        super().__init__(settings)
+        self.models = ModelCache(ArtifactStore(settings.paths.artifacts_dir), settings.serving.reload_interval_s)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
+class CFRetriever(_Retriever):
+    def __init__(self, settings: Settings):
+        super().__init__(settings)
+        self._fold_model = None
+        self._fold_version = None
+
+    def _fold_in_model(self, bundle: ModelBundle):
+        from training.als import ImplicitALS
+
+        version = bundle.versions.get("cf")
+        if version != self._fold_version:
+            self._fold_version = version
+            self._fold_model = None
+            if bundle.item_factors is not None and bundle.cf_params:
+                dummy_users = np.zeros((1, bundle.item_factors.shape[1]), dtype=np.float32)
+                self._fold_model = ImplicitALS.from_factors(dummy_users, bundle.item_factors, **bundle.cf_params)
+        return self._fold_model
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def retrieve(self, batch: list[UserFeatures]) -> list[Retrieved]:
+        bundle = self.models.get()
+        if bundle is None:
+            return [Retrieved([], np.empty(0)) for _ in batch]
+        model = self._fold_in_model(bundle)
+        pairs = [(f, fold_in_vector(f, bundle, model)) for f in batch]
+        return retrieve_cf(pairs, bundle, self.serving.candidates)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
+class ContentRetriever(_Retriever):
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def retrieve(self, batch: list[UserFeatures]) -> list[Retrieved]:
+        return retrieve_content(batch, self.models.get(), self.serving.candidates)

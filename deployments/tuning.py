@@ -1,0 +1,32 @@
+"""Hot reconfiguration of ranking knobs through Serve's `user_config`.
+
+`args.serving` in ray_config.yaml holds the defaults; a deployment's `user_config` (in the
+same file, or `serve deploy` with a changed file) overrides any of those keys at run time:
+Serve calls `reconfigure` on the live replicas, no restart, no dropped requests. An invalid
+override is refused (the deploy fails and the replicas keep their current settings).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from app.config import ServingSettings, Settings
+
+log = logging.getLogger("ray.serve")
+
+
+def apply_overrides(base: ServingSettings, overrides: dict | None) -> ServingSettings:
+    """Validated copy of `base` with `overrides`; unknown keys and bad values raise."""
+    if not overrides:
+        return base
+    return ServingSettings.model_validate({**base.model_dump(), **overrides})
+
+
+class Tunable:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.serving = settings.serving
+
+    def reconfigure(self, user_config: dict) -> None:
+        self.serving = apply_overrides(self.settings.serving, user_config)
+        log.info("%s reconfigured: %s", type(self).__name__, sorted(user_config or {}))

@@ -1,0 +1,147 @@
+"""ALS on Ray actors gives the factors a single-process fit gives, and is a full Recommender.
+
+    .venv/bin/pytest tests/test_als_ray.py -q
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from app.config import CFSettings
+from training.als import ImplicitALS, half_step
+from training.als_ray import ALSShard, RayALS, balanced_cuts
+
+PARAMS = dict(factors=6, regularization=2.0, alpha=5.0, iterations=6, cg_steps=3, seed=4, block_size=16)
+
+
+def interactions(n_users=90, n_items=70, seed=0) -> sp.csr_matrix:
+    rng = np.random.default_rng(seed)
+    matrix = sp.random(n_users, n_items, density=0.08, random_state=seed, format="csr", dtype=np.float32)
+    matrix.data = rng.integers(1, 5, size=matrix.nnz).astype(np.float32)
+    heavy = sp.csr_matrix((np.ones(n_items, dtype=np.float32), (np.zeros(n_items, int), np.arange(n_items))),
+                          shape=matrix.shape)
+    return matrix + heavy  # user 0 played everything: an unbalanced shard if split by rows
+
+
+def test_balanced_cuts_cover_rows_and_balance_work():
+    indptr = np.r_[0, np.cumsum([100] + [1] * 99)]  # one heavy row, 99 light ones
+    cuts = balanced_cuts(indptr, 2)
+    assert cuts[0][0] == 0 and cuts[-1][1] == 100
+    assert all(a[1] == b[0] for a, b in zip(cuts, cuts[1:]))
+    assert cuts[0][1] < 40  # the heavy row's shard holds fewer rows than an even split (50)
+    assert balanced_cuts(np.array([0, 1, 2]), 5) == [(0, 1), (1, 2)]  # never more shards than rows
+    assert balanced_cuts(np.array([0]), 3) == [(0, 0)]
+
+
+def test_shard_solves_like_the_serial_half_step():
+    R = interactions()
+    X, Y = ImplicitALS(**PARAMS).init_factors(*R.shape)
+    shard = ALSShard(R[10:40], R.T.tocsr()[:5], X[10:40], Y[:5], 2.0, 5.0, 3, 16)
+    expected = half_step(R, X, Y, 2.0, 5.0, 3, block_size=16)[10:40]
+    np.testing.assert_allclose(shard.solve("users", Y, Y.T @ Y), expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("num_workers", [1, 3])
+def test_ray_fit_matches_single_process(ray_cluster, num_workers):
+    R = interactions()
+    local = ImplicitALS(**PARAMS).fit(R)
+    distributed = RayALS(**PARAMS, num_workers=num_workers, cpus_per_worker=0.25).fit(R)
+    np.testing.assert_allclose(distributed.user_factors, local.user_factors, rtol=1e-3, atol=1e-5)
+    np.testing.assert_allclose(distributed.item_factors, local.item_factors, rtol=1e-3, atol=1e-5)
+    users = np.arange(R.shape[0])
+    np.testing.assert_array_equal(distributed.recommend_batch(users, R, k=5)[0], local.recommend_batch(users, R, k=5)[0])
+    assert len(distributed.iteration_seconds) == PARAMS["iterations"]
+
+
+@pytest.mark.ray
+def test_more_workers_than_rows(ray_cluster):
+    R = interactions(n_users=3, n_items=40)
+    local = ImplicitALS(**PARAMS).fit(R)
+    distributed = RayALS(**PARAMS, num_workers=4, cpus_per_worker=0.1).fit(R)
+    np.testing.assert_allclose(distributed.user_factors, local.user_factors, rtol=1e-3, atol=1e-5)
+
+
+def test_settings_and_bad_parameters():
+    model = RayALS.from_settings(CFSettings(factors=5, ray_workers=3, ray_cpus_per_worker=0.5, block_size=64))
+    assert (model.factors, model.num_workers, model.cpus_per_worker, model.block_size) == (5, 3, 0.5, 64)
+    with pytest.raises(ValueError, match="num_workers"):
+        RayALS(num_workers=0)
+    with pytest.raises(ValueError, match="cpus_per_worker"):
+        RayALS(cpus_per_worker=-1)
+
+
+# --- the job: events Parquet -> Ray ALS -> evaluated, versioned artifact -------------------
+
+
+def write_events(folder, rows: list[tuple]) -> None:
+    import pandas as pd
+
+    folder.mkdir(parents=True, exist_ok=True)
+    frame = pd.DataFrame(rows, columns=["user_id", "track_id", "event_type"]).astype(object)
+    frame.to_parquet(folder / "part-0.parquet")
+
+
+def job_settings(tmp_path, **cf):
+    from app.config import settings_from_args
+
+    cf = {"factors": 4, "iterations": 3, "ray_workers": 1, "ray_cpus_per_worker": 0.25, **cf}
+    return settings_from_args({"paths": {"state_dir": str(tmp_path)}, "cf": cf})
+
+
+@pytest.mark.ray
+def test_train_cf_job_publishes_evaluated_artifact(ray_cluster, tmp_path):
+    """String and non-contiguous ids, duplicates, single-event users, skips and missing ids."""
+    import json
+
+    import pandas as pd
+
+    from app.artifacts import ArtifactStore
+    from jobs.train_cf import train_cf
+
+    rng = np.random.default_rng(0)
+    rows = [(f"u{u * 7}", f"t{rng.integers(0, 30) * 3}", "play") for u in range(40) for _ in range(12)]
+    rows += [("u7", "t0", "play")] * 3 + [("u7", "t0", "like")]  # duplicates add up
+    rows += [("lonely", "t999", "play"), ("u0", "t3", "skip"), (None, "t3", "play"), ("u0", None, "like")]
+    write_events(tmp_path / "events" / "date=2024-01-01", rows)
+
+    summary = train_cf(job_settings(tmp_path))
+    store = ArtifactStore(tmp_path / "artifacts")
+    artifact = store.latest("cf")
+    assert summary["version"] == artifact.version and store.verify(artifact) == []
+    users = pd.read_parquet(artifact.file("users.parquet"))["user_id"].tolist()
+    items = pd.read_parquet(artifact.file("items.parquet"))["track_id"].tolist()
+    assert "lonely" in users and "t999" in items and None not in users
+    assert np.load(artifact.file("user_factors.npy")).shape == (len(users), 4)
+    assert np.load(artifact.file("item_factors.npy")).shape == (len(items), 4)
+    manifest = json.loads(artifact.file("manifest.json").read_text())
+    assert manifest["data"]["dropped_rows"] == 2 and len(manifest["data"]["interactions_sha256"]) == 64
+    assert set(manifest["metrics"]["als"]) >= {"ndcg", "precision", "recall", "map", "hit_rate", "coverage"}
+    assert manifest["model"] == "RayALS" and manifest["params"]["ray_workers"] == 1
+    assert set(manifest["files"]) == {"users.parquet", "items.parquet", "user_factors.npy", "item_factors.npy"}
+
+
+def test_train_cf_job_refuses_empty_input(tmp_path):
+    from app.artifacts import ArtifactStore
+    from jobs.train_cf import EmptyInteractionsError, interaction_matrix, train_cf
+
+    import pandas as pd
+
+    with pytest.raises(EmptyInteractionsError, match="no event Parquet"):
+        train_cf(job_settings(tmp_path))
+    with pytest.raises(EmptyInteractionsError, match="no interactions"):
+        interaction_matrix(pd.DataFrame({"user_id": ["a"], "track_id": ["b"], "weight": [0.0]}))
+    assert ArtifactStore(tmp_path / "artifacts").latest_version("cf") is None
+
+
+def test_interaction_matrix_maps_ids():
+    import pandas as pd
+
+    from jobs.train_cf import interaction_matrix
+
+    agg = pd.DataFrame({"user_id": [10, 3, 10, 3], "track_id": ["z", "a", "a", "a"], "weight": [1.0, 2.0, 1.0, 3.0]})
+    matrix, users, items = interaction_matrix(agg)
+    assert users.tolist() == [3, 10] and items.tolist() == ["a", "z"]
+    assert matrix.toarray().tolist() == [[5.0, 0.0], [1.0, 1.0]]

@@ -1,0 +1,166 @@
+"""The content job on Ray Data, end to end on a tiny simulated catalogue with every kind of bad
+input mixed in, and cold start against the artifact it publishes.
+
+    .venv/bin/pytest tests/test_content_job.py -q
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import pandas as pd
+import pytest
+import redis
+import soundfile as sf
+
+from app.artifacts import ArtifactStore
+from app.config import settings_from_args
+from app.data.audio import choose_tempo_and_key, genre_sound, synthesize_clip, write_clip
+from app.data.world import generate_world, load_world
+from app.events.dead_letter import DeadLetterQueue
+from training.cold_start import ContentModel
+
+pytestmark = pytest.mark.ray
+
+GENRES = ["rock", "classical", "electronic", "jazz"]
+SR = 22050
+
+
+def tone(seconds: float, sr: int, channels: int) -> np.ndarray:
+    t = np.arange(int(seconds * sr)) / sr
+    y = 0.3 * np.sin(2 * np.pi * 440 * t) * (1 + 0.5 * np.sign(np.sin(2 * np.pi * 2 * t)))
+    return np.repeat(y[:, None], channels, axis=1)
+
+
+@pytest.fixture(scope="module")
+def run(ray_cluster, redis_server, tmp_path_factory):
+    from jobs.embed_content import embed_content
+
+    state = tmp_path_factory.mktemp("content-state")
+    settings = settings_from_args(
+        {
+            "redis": {"url": redis_server.url, "dead_letter_key": f"dlq:{uuid.uuid4().hex}"},
+            "paths": {"state_dir": str(state)},
+            "world": {"seed": 5, "n_users": 30, "n_artists": 10, "n_tracks": 32, "genres": GENRES, "clip_seconds": 2.0},
+            "content": {"analysis_seconds": 2.0, "batch_size": 8, "concurrency": 2, "embedding_dim": 8},
+        }
+    )
+    generate_world(settings.world, settings.paths.world_dir)
+    world = load_world(settings.paths.world_dir)
+    settings.paths.events_dir.mkdir(parents=True)
+    world.events.to_parquet(settings.paths.events_dir / "part-0.parquet")
+
+    bad = state / "bad"
+    bad.mkdir()
+    (bad / "corrupt.wav").write_bytes(b"RIFF\x10\x00\x00\x00WAVEnot really audio" * 20)
+    (bad / "empty.ogg").write_bytes(b"")
+    sf.write(bad / "silence.wav", np.zeros(SR * 2, dtype=np.float32), SR)
+    sf.write(bad / "stereo_8k.ogg", tone(2.0, 8000, 2), 8000, format="OGG", subtype="VORBIS")
+    sf.write(bad / "six_channels_48k.flac", tone(2.0, 48000, 6), 48000)
+    sf.write(bad / "long.wav", tone(6.0, SR, 1), SR)
+    extra = {
+        "corrupt": bad / "corrupt.wav",
+        "empty": bad / "empty.ogg",
+        "silence": bad / "silence.wav",
+        "missing": bad / "no-such-file.ogg",
+        "stereo_8k": bad / "stereo_8k.ogg",
+        "six_channels_48k": bad / "six_channels_48k.flac",
+        "long": bad / "long.wav",
+    }
+    template = world.tracks.iloc[0]
+    rows = [template.to_dict() | {"track_id": f"x-{name}", "audio_path": str(path)} for name, path in extra.items()]
+    rows.append(template.to_dict() | {"track_id": None})  # cannot be a track
+    rows.append(template.to_dict())  # a repeated id
+    catalog = pd.concat([world.tracks, pd.DataFrame(rows)], ignore_index=True)
+    catalog_path = state / "catalog.parquet"
+    catalog.to_parquet(catalog_path)
+
+    summary = embed_content(settings, catalog_path)
+    artifact = ArtifactStore(settings.paths.artifacts_dir).latest("content")
+    return settings, world, summary, artifact
+
+
+def test_every_bad_record_is_reported_with_its_reason_and_the_job_carries_on(run, redis_server):
+    settings, world, summary, artifact = run
+    assert summary["tracks"] == len(world.tracks) + 7
+    assert summary["rejected"] == 2 and summary["audio_failed"] == 4
+    assert summary["audio_ok"] == len(world.tracks) + 3  # any rate, channel count and length is analysed
+    assert summary["truncated"] == 1
+    failed = pd.read_parquet(artifact.file("failed.parquet")).set_index("track_id")
+    assert failed.loc["x-corrupt", "reason"] == "undecodable"
+    assert failed.loc["x-empty", "reason"] == "empty_audio"
+    assert failed.loc["x-silence", "reason"] == "silent"
+    assert failed.loc["x-missing", "reason"] == "missing_file"
+    assert sorted(failed.loc[failed["stage"] == "catalog", "reason"]) == ["duplicate_track_id", "no_track_id"]
+    assert summary["failed_by_reason"] == {
+        "undecodable": 1, "empty_audio": 1, "silent": 1, "missing_file": 1, "no_track_id": 1, "duplicate_track_id": 1
+    }
+    # Not the redis_client fixture: it flushes the database this module's job wrote to.
+    dlq = DeadLetterQueue(redis.Redis.from_url(redis_server.url), settings.redis.dead_letter_key).entries()
+    assert len(dlq) == 6 and {e["source"] for e in dlq} == {"embed_content"}
+    assert any("x-silence" in e["record"] and e["reason"].startswith("silent") for e in dlq)
+
+
+def test_artifact_manifest_and_files(run):
+    settings, world, summary, artifact = run
+    manifest = artifact.manifest
+    assert ArtifactStore(settings.paths.artifacts_dir).verify(artifact) == []
+    assert {"tracks.parquet", "features.parquet", "embeddings.npy", "embedder.npz", "failed.parquet", "artists.parquet"} <= set(manifest["files"])
+    names = manifest["feature_names"]
+    assert "mfcc19_std" in names and "tempo_bpm" in names and "key_fifths_sin" in names and "genre_rock" in names
+    assert len(manifest["embedder"]["scaler"]["mean"]) == len(names)
+    assert np.array(manifest["embedder"]["pca"]["components"]).shape == (8, len(names))
+    assert manifest["counts"]["fit_sample"] == summary["audio_ok"]
+    embeddings = np.load(artifact.file("embeddings.npy"))
+    tracks = pd.read_parquet(artifact.file("tracks.parquet"))
+    assert embeddings.shape == (len(tracks), 8)
+    # Failed tracks still get a (metadata-only) embedding: nothing accepted is lost.
+    np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, rtol=1e-5)
+    features = pd.read_parquet(artifact.file("features.parquet")).set_index("track_id")
+    assert features.loc["x-long", "truncated"] and features.loc["x-long", "seconds_analysed"] == pytest.approx(2.0, abs=0.01)
+    assert features.loc["x-long", "seconds_total"] == pytest.approx(6.0, abs=0.01)
+
+
+def test_tempo_of_simulated_clips(run):
+    _, world, _, artifact = run
+    features = pd.read_parquet(artifact.file("features.parquet")).set_index("track_id")
+    truth = world.tracks.set_index("track_id")["tempo_bpm"]
+    estimate = features.loc[truth.index, "tempo_bpm"]
+    ratio = estimate / truth
+    within_octave = np.min([np.abs(ratio * f - 1) for f in (0.5, 1.0, 2.0)], axis=0) < 0.04
+    assert within_octave.mean() >= 0.8, ratio.describe()
+
+
+def test_cold_start_reproduces_the_batch_embedding(run):
+    _, world, _, artifact = run
+    model = ContentModel.from_artifact(artifact)
+    embeddings = np.load(artifact.file("embeddings.npy"))
+    for i in (0, 5):
+        record = world.tracks.iloc[i].to_dict()
+        result = model.embed_track(record | {"track_id": f"re-added-{i}"})
+        assert result.audio_ok
+        np.testing.assert_allclose(result.embedding, embeddings[i], atol=1e-5)
+    failed = model.embed_track(world.tracks.iloc[1].to_dict() | {"track_id": "broken", "audio_path": "/nowhere.ogg"})
+    assert not failed.audio_ok and failed.error_reason == "missing_file"
+    np.testing.assert_allclose(np.linalg.norm(failed.embedding), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("genre", ["classical", "rock"])
+def test_new_track_gets_neighbours_of_its_genre_from_audio_alone(run, tmp_path, genre):
+    """No genre tag and an unknown artist: the neighbours come from how the clip sounds."""
+    _, world, _, artifact = run
+    model = ContentModel.from_artifact(artifact)
+    rng = np.random.default_rng(99)
+    sound = genre_sound(genre)
+    tempo, tonic, mode = choose_tempo_and_key(sound, rng)
+    path = tmp_path / f"new-{genre}.wav"
+    write_clip(path, synthesize_clip(sound, tempo, tonic, mode, seconds=2.0, sample_rate=SR, rng=rng), SR)
+    result = model.embed_track(
+        {"track_id": f"new-{genre}", "audio_path": str(path), "artist_id": "never-seen", "genres": [],
+         "release_year": 2024, "duration_ms": None, "explicit": False}
+    )
+    neighbours = [t for t, _ in model.neighbours(result.embedding, k=5)]
+    genre_of = world.tracks.set_index("track_id")["genre"]
+    same = sum(genre_of.get(t) == genre for t in neighbours)
+    assert same >= 3, (neighbours, [genre_of.get(t) for t in neighbours])

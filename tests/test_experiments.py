@@ -1,0 +1,189 @@
+"""Experiments without Ray: assignment, definitions and kill switches in a real Redis, exposure
+logging, the evaluator's metrics on simulated event logs, guardrails and the decision."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+import redis
+
+from app.config import ServingSettings, settings_from_args
+from app.experiments.assignment import AssignmentCache, assign, variant_for
+from app.experiments.definitions import Experiment, Variant, apply_overrides
+from app.experiments.evaluation import evaluate
+from app.experiments.guardrails import decide
+from app.experiments.metrics import MetricsAccumulator, combine_exposures, exposure_partial
+from app.experiments.registry import ExperimentError, ExperimentRegistry
+from app.experiments.report import report_html, report_json
+from app.experiments.serving import ExperimentRouter, serving_with
+from app.experiments.simulate import Effect, EventSimulation, simulate_events
+from app.keys import Keys
+from app.schemas import RecommendationResponse, RecommendedTrack
+
+
+def experiment(name="mmr", layer="default", traffic=1.0, weights=(1, 1), **params) -> Experiment:
+    return Experiment(
+        name=name,
+        layer=layer,
+        traffic=traffic,
+        variants=[Variant(name="control", weight=weights[0]), Variant(name="treatment", weight=weights[1], params=params or {"mmr_lambda": 0.5})],
+    )
+
+
+@pytest.fixture
+def registry(redis_client):
+    return ExperimentRegistry(redis_client, Keys("t"))
+
+
+def test_assignment_is_deterministic_and_follows_the_weights():
+    exp = experiment(weights=(1, 3))
+    users = [f"user-{i}" for i in range(20_000)]
+    first = [variant_for(exp, u) for u in users]
+    assert first == [variant_for(exp, u) for u in users]
+    share = Counter(first)["treatment"] / len(users)
+    assert abs(share - 0.75) < 0.015
+    # A different salt reshuffles users independently of the first split.
+    other = [variant_for(exp.model_copy(update={"salt": "v2"}), u) for u in users]
+    agree = np.mean([a == b for a, b in zip(first, other)])
+    assert abs(agree - (0.75**2 + 0.25**2)) < 0.015
+
+
+def test_experiments_in_one_layer_are_exclusive_and_layers_are_independent(registry):
+    for e in (experiment("a", traffic=0.5), experiment("b", traffic=0.5), experiment("c", layer="ui", mmr_lambda=None, artist_cap=3)):
+        registry.create(e)
+        registry.start(e.name)
+    running, killed = registry.snapshot()
+    counts = Counter()
+    for i in range(10_000):
+        names = tuple(sorted(a.experiment for a in assign(running, killed, f"u{i}")))
+        counts[names] += 1
+    assert set(counts) == {("a", "c"), ("b", "c")}  # never a and b together; everyone in c
+    assert abs(counts[("a", "c")] / 10_000 - 0.5) < 0.02
+
+
+def test_a_layer_refuses_an_experiment_it_has_no_room_for(registry):
+    registry.create(experiment("a", traffic=0.7))
+    registry.create(experiment("b", traffic=0.5))
+    assert registry.start("a").buckets == (0, 700)
+    with pytest.raises(ExperimentError, match="no free"):
+        registry.start("b")
+    registry.stop("a")
+    assert registry.start("b").buckets == (0, 500)  # a stopped experiment frees its traffic
+
+
+def test_bad_overrides_are_refused_at_creation_and_ignored_when_serving(registry, redis_client):
+    with pytest.raises(ValueError, match="mmr_lambda"):
+        experiment(mmr_lambda=3.0)
+    with pytest.raises(ValueError, match="unknown"):
+        experiment(source_weights={"nonsense": 1.0})
+    defaults = ServingSettings()
+    assert apply_overrides(defaults, {"mmr_lambda": 0.3, "artist_cap": 5}).artist_cap == 5
+    assert serving_with(defaults, {"artist_cap": -1}) == defaults
+    # A hand-edited broken definition in Redis is skipped, not a failure.
+    redis_client.hset(Keys("t").experiments(), "broken", json.dumps({"name": "broken", "variants": []}))
+    assert registry.snapshot() == ([], set())
+
+
+def test_kill_switch_stops_assignment_at_the_next_refresh_and_unreadable_redis_fails_closed(registry):
+    registry.create(experiment())
+    registry.start("mmr")
+    now = [0.0]
+    cache = AssignmentCache(registry.snapshot, refresh_interval_s=2.0, clock=lambda: now[0])
+    treated = [u for u in (f"u{i}" for i in range(200)) if variant_for(registry.get("mmr"), u) == "treatment"]
+    assert cache.assign(treated[0])[0].params == {"mmr_lambda": 0.5}
+    registry.kill("mmr", "treatment", "test")
+    now[0] = 2.5
+    assert all(cache.assign(u) == [] for u in treated)
+    controls = [u for u in (f"u{i}" for i in range(50)) if u not in treated]
+    assert cache.assign(controls[0])[0].variant == "control"
+    dead = AssignmentCache(lambda: (_ for _ in ()).throw(redis.ConnectionError("down")), 2.0)
+    assert dead.assign("u1") == []
+
+
+def test_exposures_are_logged_as_impressions_with_experiment_and_variant(registry, redis_client, redis_server):
+    settings = settings_from_args({"redis": {"url": redis_server.url, "key_prefix": "t", "stream_key": "t:events"}})
+    registry.create(experiment())
+    registry.start("mmr")
+    router = ExperimentRouter.from_settings(redis_client, settings)
+    assignments, params = router.assign("listener-1")
+    items = [RecommendedTrack(track_id=f"t{i}", score=1.0, sources=["popular"]) for i in range(3)]
+    response = router.label(RecommendationResponse(user_id="listener-1", request_id="req1", cold_start=True, items=items, model_versions={}), assignments)
+    assert (response.experiment, response.variant) == ("mmr", assignments[0].variant)
+    assert router.log_exposures(response, assignments, latency_ms=12) == 3
+    events = [json.loads(f[b"e"]) for _, f in redis_client.xrange("t:events")]
+    assert [(e["event_type"], e["position"], e["experiment"], e["variant"], e["recommendation_id"], e["duration_ms"]) for e in events] == [
+        ("impression", i, "mmr", assignments[0].variant, "req1", 12) for i in range(3)
+    ]
+
+
+def _evaluate(sim: EventSimulation, exp: Experiment):
+    events, catalogue = simulate_events(sim)
+    exposures = combine_exposures([exposure_partial(events, sim.experiment)], [v.name for v in exp.variants])
+    genres = pc.dictionary_encode(catalogue["genre"].combine_chunks()).indices.to_numpy().astype(np.int64)
+    acc = MetricsAccumulator(exposures, sim.experiment, catalogue["track_id"].combine_chunks(), genres)
+    half = events.num_rows // 2  # two slices merged must equal one pass
+    users = acc.finish(acc.add(events.slice(0, half)).merge(acc.add(events.slice(half))))
+    whole = acc.finish(acc.add(events))
+    for k, v in users.columns.items():
+        assert np.allclose(v, whole.columns[k]), k
+    result = evaluate(users, exp)
+    return users, result, decide(result, exp)
+
+
+def test_metrics_recover_the_simulated_truth_and_cuped_reduces_variance():
+    exp = experiment("sim")
+    users, result, _ = _evaluate(EventSimulation(n_users=4000, seed=1), exp)
+    assert result.users["control"] + result.users["treatment"] == 4000
+    assert result.get("treatment", "ctr").control_value == pytest.approx(0.05, rel=0.1)
+    assert result.get("treatment", "skip_rate").control_value == pytest.approx(0.25, rel=0.05)
+    assert result.get("treatment", "like_rate").control_value == pytest.approx(0.10, rel=0.1)
+    assert result.get("treatment", "listening_ms_per_user").cuped_variance_reduction > 0.3
+    assert 0 < result.get("treatment", "intra_list_diversity").control_value < 1
+    assert result.get("treatment", "latency_p95_ms").control_value > 40
+    assert all(r.comparison.p_adjusted >= r.comparison.p_value for r in result.results if r.comparison)
+
+
+def test_aa_keeps_running_a_harmful_variant_rolls_back_and_a_better_one_ships():
+    exp = experiment("sim")
+    _, aa, (aa_decision,) = _evaluate(EventSimulation(n_users=4000, seed=2), exp)
+    assert aa_decision.action == "keep running" and not aa_decision.breaches
+    assert not aa.srm.mismatch(0.001)
+
+    harm = EventSimulation(n_users=4000, seed=3, effects={"treatment": Effect(skip=0.4)})
+    _, _, (bad,) = _evaluate(harm, exp)
+    assert bad.action == "roll back"
+    assert "skip_rate worse by more than 5%" in bad.recommendation and "[+" in bad.recommendation
+
+    slow = EventSimulation(n_users=2000, seed=4, effects={"treatment": Effect(latency=20.0)})
+    _, _, (slow_decision,) = _evaluate(slow, exp)
+    assert slow_decision.action == "roll back" and "latency_p95_ms" in slow_decision.recommendation
+
+    better = EventSimulation(n_users=8000, seed=5, effects={"treatment": Effect(ctr=0.5)})
+    users, result, (good,) = _evaluate(better, exp)
+    assert good.action == "ship", good.recommendation
+    assert "ctr" in good.recommendation and "adjusted p=" in good.recommendation
+
+    doc = report_json(result, [good], users)
+    page = report_html(json.loads(json.dumps(doc)))  # the JSON is plain JSON (no NaN)
+    assert page.count("<svg") == 3 and "ship" in page and "ctr" in page
+
+
+def test_cli_creates_starts_lists_and_stops(tmp_path, redis_server, capsys):
+    from app.cli import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(json.dumps({"applications": [{"name": "echotune", "args": {"redis": {"url": redis_server.url, "key_prefix": "cli"}}}]}))
+    spec = tmp_path / "exp.yaml"
+    spec.write_text("name: cap3\nvariants:\n  - {name: control, weight: 1}\n  - {name: cap3, weight: 1, params: {artist_cap: 3}}\n")
+    run = lambda *a: main(["--config", str(cfg), "experiments", *a])  # noqa: E731
+    assert run("create", "--file", str(spec)) == 0
+    assert run("start", "cap3") == 0
+    assert run("list") == 0 and "cap3" in capsys.readouterr().out
+    assert run("stop", "cap3") == 0
+    assert run("start", "nope") == 1
+    spec.write_text("name: bad\nvariants: [{name: control, weight: 1}, {name: x, weight: 1, params: {mmr_lambda: 9}}]\n")
+    assert run("create", "--file", str(spec)) == 2 and "mmr_lambda" in capsys.readouterr().err

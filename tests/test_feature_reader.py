@@ -1,0 +1,66 @@
+"""Degraded mode against a real redis-server that we stop mid-test."""
+
+import pandas as pd
+import pytest
+import redis
+
+from app.config import PROJECT_ROOT
+from app.features.offline import OfflineSnapshots
+from app.features.reader import FeatureReader
+from app.features.registry import load_registry
+from app.features.store import Published, RedisOnlineStore
+from app.keys import Keys
+from app.redis_server import EmbeddedRedis
+
+REGISTRY = load_registry(PROJECT_ROOT / "feature_repo")
+USER = REGISTRY["user_profile"]
+
+
+def test_reads_survive_redis_going_away(tmp_path):
+    server = EmbeddedRedis(tmp_path / "redis", appendonly=False).start()
+    try:
+        client = redis.Redis.from_url(server.url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        store = RedisOnlineStore(client, Keys("t"))
+        store.write("ns1", USER, [("u1", {"n_plays": 3}), ("u2", {"n_plays": 4})])
+        store.write_ranking("ns1", "popular", {"a": 2.0, "b": 1.0}, ttl_s=60)
+        store.publish(Published("ns1", REGISTRY, {}))
+        reader = FeatureReader(store, refresh_s=60, max_entries=1)
+
+        fresh = reader.read([("user_profile", "u2"), ("user_profile", "u1")], rankings=[("popular", 5)])
+        assert not fresh.stale and [r["n_plays"] for r in fresh.rows] == [4, 3]
+
+        server.stop()
+        stale = reader.read([("user_profile", "u1"), ("user_profile", "u2")], rankings=[("popular", 1)])
+    finally:
+        server.stop()
+    assert stale.stale and stale.namespace == "ns1"
+    # the snapshot is bounded to 1 entity: the most recently read one survives
+    assert stale.rows == [{"n_plays": 3}, None]
+    assert stale.rankings == [[("a", 2.0)]]
+
+
+def test_nothing_published_reads_empty(redis_client):
+    reader = FeatureReader(RedisOnlineStore(redis_client, Keys("t")), refresh_s=60, max_entries=10)
+    read = reader.read([("user_profile", "u1")], rankings=[("trending", 3)])
+    assert read.rows == [None] and read.rankings == [[]] and read.namespace is None and not read.stale
+
+
+def test_point_in_time_uses_the_snapshot_valid_at_each_event(tmp_path):
+    offline = OfflineSnapshots(tmp_path)
+    for ns, as_of, plays in [("n1", "2026-01-01", 1), ("n2", "2026-01-10", 5)]:
+        rows = pd.DataFrame({"n_plays": [plays, plays * 10]}, index=["u1", "u2"])
+        offline.write(ns, USER, rows, pd.Timestamp(as_of, tz="UTC"))
+        offline.finish(ns, REGISTRY, {"as_of": as_of})
+    # a third snapshot that never finished must be ignored
+    offline.write("n3", USER, pd.DataFrame({"n_plays": [99]}, index=["u1"]), pd.Timestamp("2026-01-05", tz="UTC"))
+
+    events = pd.DataFrame(
+        {
+            "entity_id": ["u1", "u1", "u1", "u2"],
+            "timestamp": pd.to_datetime(["2025-12-31", "2026-01-05", "2026-01-10", "2026-01-20"], utc=True),
+        }
+    )
+    joined = offline.point_in_time(USER, events)
+    assert joined["n_plays"].tolist()[1:] == [1, 5, 50]
+    assert pd.isna(joined["n_plays"].iloc[0])  # before any snapshot: no features, no leakage
+    assert joined["entity_id"].tolist() == ["u1", "u1", "u1", "u2"]

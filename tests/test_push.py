@@ -1,0 +1,269 @@
+"""Web push: quiet hours and caps, subscription validation, the VAPID key CLI, and the notify
+job end to end against a test push service on loopback, whose received payload the test
+decrypts with the subscription's own keys (RFC 8291, aes128gcm)."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import http_ece
+import httpx
+import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from pydantic import ValidationError
+
+from app.config import settings_from_args
+from app.keys import Keys
+from app.push.policy import cap_reason, in_quiet_hours
+from app.push.subscriptions import SubscriptionRequest, SubscriptionStore, endpoint_problem
+from app.push.vapid import b64url, b64url_decode, ensure_vapid_keys, load_vapid_keys, vapid_key_path
+from tests.web_support import publish_tiny_catalogue
+
+UTC = timezone.utc
+
+
+# ---------- policy: pure functions of the clock ----------
+
+def test_quiet_hours_are_the_listeners_local_night():
+    now = datetime(2026, 6, 1, 23, 30, tzinfo=UTC)
+    assert in_quiet_hours(now, "Europe/Berlin", 22, 8)  # 01:30 in Berlin
+    assert not in_quiet_hours(now, "America/Los_Angeles", 22, 8)  # 16:30 in Los Angeles
+    assert in_quiet_hours(datetime(2026, 6, 1, 5, 0, tzinfo=UTC), "UTC", 22, 8)
+    assert not in_quiet_hours(datetime(2026, 6, 1, 8, 0, tzinfo=UTC), "UTC", 22, 8)
+    assert in_quiet_hours(datetime(2026, 6, 1, 13, 0, tzinfo=UTC), "UTC", 12, 14)  # a span that does not cross midnight
+    assert not in_quiet_hours(now, "UTC", 6, 6)  # equal start and end: no quiet hours
+
+
+def test_frequency_cap_limits_per_day_and_spacing():
+    now = 10 * 24 * 3600 * 1000
+    hour = 3600 * 1000
+    assert cap_reason([], now, max_per_day=2, min_interval_s=3600) is None
+    assert "cap 2" in cap_reason([now - 5 * hour, now - 3 * hour], now, 2, 3600)
+    assert "ago" in cap_reason([now - hour // 2], now, 2, 3600)
+    assert cap_reason([now - 25 * hour, now - 26 * hour], now, 2, 3600) is None  # older than a day
+
+
+# ---------- subscriptions: validated at the door ----------
+
+def browser_keys() -> tuple[ec.EllipticCurvePrivateKey, bytes, dict]:
+    """What a browser makes when it subscribes: a P-256 key pair and a 16-byte auth secret."""
+    private = ec.generate_private_key(ec.SECP256R1())
+    public = private.public_key().public_bytes(serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint)
+    auth = os.urandom(16)
+    return private, auth, {"p256dh": b64url(public), "auth": b64url(auth)}
+
+
+def subscription_body(endpoint: str, user: str = "u1", **extra) -> dict:
+    return {"user_id": user, "subscription": {"endpoint": endpoint, "expirationTime": None, "keys": browser_keys()[2]}, **extra}
+
+
+def test_bad_subscriptions_name_the_field():
+    body = subscription_body("https://fcm.googleapis.com/fcm/send/x")
+    body["subscription"]["keys"]["p256dh"] = b64url(b"\x04" + b"1" * 10)
+    with pytest.raises(ValidationError) as err:
+        SubscriptionRequest.model_validate(body)
+    assert err.value.errors()[0]["loc"] == ("subscription", "keys", "p256dh")
+    with pytest.raises(ValidationError) as err:
+        SubscriptionRequest.model_validate(subscription_body("https://fcm.googleapis.com/x", timezone="Mars/Olympus"))
+    assert err.value.errors()[0]["loc"] == ("timezone",)
+
+
+def test_endpoints_must_be_allowed_push_services():
+    hosts = ["fcm.googleapis.com", "push.services.mozilla.com", "127.0.0.1"]
+    assert endpoint_problem("https://fcm.googleapis.com/fcm/send/abc", hosts) is None
+    assert endpoint_problem("https://updates.push.services.mozilla.com/wpush/v2/x", hosts) is None
+    assert "not an allowed" in endpoint_problem("https://169.254.169.254/latest", hosts)
+    assert "not an allowed" in endpoint_problem("https://evil-fcm.googleapis.com.example/x", hosts)
+    assert "https" in endpoint_problem("http://fcm.googleapis.com/x", hosts)
+    assert endpoint_problem("http://127.0.0.1:9/push", hosts) is None  # a loopback test service
+
+
+def test_store_replaces_the_oldest_device_beyond_the_limit(redis_client):
+    store = SubscriptionStore(redis_client, Keys("pt"), max_per_user=2)
+    for i in range(3):
+        store.add(SubscriptionRequest.model_validate(subscription_body(f"https://fcm.googleapis.com/d{i}", genres=["rock"])))
+    endpoints = {rec["subscription"]["endpoint"] for _, rec in store.subscriptions("u1")}
+    assert len(endpoints) == 2 and "https://fcm.googleapis.com/d0" not in endpoints
+    assert store.users() == ["u1"] and store.profile("u1")["genres"] == ["rock"]
+
+
+# ---------- VAPID keys and the CLI ----------
+
+def test_push_keys_cli_creates_the_key_once_owner_only(tmp_path, capsys):
+    from app.cli import main
+
+    config = tmp_path / "ray_config.yaml"
+    config.write_text(json.dumps({"applications": [{"name": "echotune", "import_path": "deployments.app:build_app", "args": {"paths": {"state_dir": str(tmp_path)}}}]}))
+    assert main(["--config", str(config), "push", "keys"]) == 0
+    first = capsys.readouterr().out.strip()
+    assert main(["--config", str(config), "push", "keys"]) == 0
+    assert capsys.readouterr().out.strip() == first  # kept: rotating would orphan every subscription
+    path = tmp_path / "push" / "vapid_private.pem"
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    assert len(b64url_decode(first)) == 65 and load_vapid_keys(path).public_key == first
+    assert main(["--config", str(config), "push", "keys", "--rotate"]) == 0
+    assert capsys.readouterr().out.strip() != first
+
+
+# ---------- the notify job against a loopback push service ----------
+
+class PushService:
+    """A push service on loopback: records every request, answers per path (201 by default)."""
+
+    def __init__(self):
+        self.received: list[dict] = []
+        self.status: dict[str, int] = {}
+        service = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                service.received.append({"path": self.path, "headers": dict(self.headers), "body": body})
+                self.send_response(service.status.get(self.path, 201))
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def push_service():
+    service = PushService()
+    yield service
+    service.close()
+
+
+@pytest.fixture
+def push_settings(tmp_path, redis_server, redis_client):
+    settings = settings_from_args(
+        {
+            "redis": {"url": redis_server.url, "key_prefix": "pushtest"},
+            "paths": {"state_dir": str(tmp_path)},
+            "push": {"endpoint_hosts": ["127.0.0.1"], "quiet_start_hour": 22, "quiet_end_hour": 8, "max_per_day": 2, "min_interval_s": 3600},
+        }
+    )
+    publish_tiny_catalogue(settings)  # trending lists: genre:rock holds t000, t002, t004
+    ensure_vapid_keys(vapid_key_path(settings))
+    return settings
+
+
+def subscribe(settings, client, endpoint, user="u1", tz="Europe/Berlin"):
+    private, auth, keys = browser_keys()
+    body = {"user_id": user, "subscription": {"endpoint": endpoint, "keys": keys}, "timezone": tz, "genres": ["rock"]}
+    SubscriptionStore(client, Keys(settings.redis.key_prefix)).add(SubscriptionRequest.model_validate(body))
+    return private, auth
+
+
+def verified_es256_claims(token: str, public_key: ec.EllipticCurvePublicKey) -> dict:
+    """The claims of an ES256 JWT after checking its signature (raises if it is not ours)."""
+    header, payload, signature = token.split(".")
+    raw = b64url_decode(signature)
+    der = encode_dss_signature(int.from_bytes(raw[:32], "big"), int.from_bytes(raw[32:], "big"))
+    public_key.verify(der, f"{header}.{payload}".encode(), ec.ECDSA(hashes.SHA256()))
+    assert json.loads(b64url_decode(header))["alg"] == "ES256"
+    return json.loads(b64url_decode(payload))
+
+
+NOON_BERLIN = datetime(2026, 6, 1, 10, 0, tzinfo=UTC)
+
+
+def test_notify_sends_trend_news_the_subscriber_can_decrypt(push_settings, redis_client, push_service):
+    from jobs.notify import notify
+
+    private, auth = subscribe(push_settings, redis_client, f"{push_service.url}/push/device-1")
+    report = notify(push_settings, clock=lambda: NOON_BERLIN)
+    assert report.as_dict()["sent"] == 1 and report.deliveries == 1
+
+    (request,) = push_service.received
+    headers = {k.lower(): v for k, v in request["headers"].items()}
+    assert request["path"] == "/push/device-1"
+    assert headers["content-encoding"] == "aes128gcm"
+    assert int(headers["ttl"]) == push_settings.push.message_ttl_s
+    # RFC 8292: a JWT for this push service's origin, signed by our VAPID key.
+    scheme, _, params = headers["authorization"].partition(" ")
+    fields = dict(p.strip().split("=", 1) for p in params.split(","))
+    assert scheme == "vapid" and fields["k"] == load_vapid_keys(vapid_key_path(push_settings)).public_key
+    vapid_public = ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), b64url_decode(fields["k"]))
+    claims = verified_es256_claims(fields["t"], vapid_public)
+    assert claims["aud"] == push_service.url and claims["exp"] > NOON_BERLIN.timestamp()
+    assert claims["sub"] == "mailto:ops@echotune.invalid"
+    # RFC 8291: only the holder of the subscription's private key and auth secret can read it.
+    plain = http_ece.decrypt(request["body"], private_key=private, auth_secret=auth, version="aes128gcm")
+    message = json.loads(plain)
+    assert message["title"] == "New trending in rock"
+    assert [t["track_id"] for t in message["tracks"]] == ["t000", "t002", "t004"]
+    assert all(t["genre"] == "rock" for t in message["tracks"])
+
+    # The same trends are news once, and the frequency cap holds back a second message.
+    again = notify(push_settings, clock=lambda: NOON_BERLIN.replace(hour=13))
+    assert again.as_dict().get("sent", 0) == 0 and len(push_service.received) == 1
+
+
+def test_quiet_hours_and_caps_hold_messages_back(push_settings, redis_client, push_service):
+    from jobs.notify import notify
+
+    subscribe(push_settings, redis_client, f"{push_service.url}/push/night-owl", tz="Europe/Berlin")
+    night_in_berlin = datetime(2026, 6, 1, 22, 30, tzinfo=UTC)  # 00:30 local
+    assert notify(push_settings, clock=lambda: night_in_berlin).as_dict()["quiet_hours"] == 1
+    assert push_service.received == []
+    redis_client.zadd(Keys("pushtest").push_sent("u1"), {"earlier": NOON_BERLIN.timestamp() * 1000 - 60_000})
+    assert notify(push_settings, clock=lambda: NOON_BERLIN).as_dict()["capped"] == 1
+    assert push_service.received == []
+
+
+def test_gone_subscriptions_are_pruned(push_settings, redis_client, push_service):
+    from jobs.notify import notify
+
+    push_service.status = {"/push/gone": 410, "/push/unknown": 404, "/push/flaky": 500}
+    for path in ("gone", "unknown", "flaky", "fine"):
+        subscribe(push_settings, redis_client, f"{push_service.url}/push/{path}")
+    report = notify(push_settings, clock=lambda: NOON_BERLIN)
+    assert (report.pruned, report.failed, report.deliveries) == (2, 1, 1)
+    store = SubscriptionStore(redis_client, Keys("pushtest"))
+    left = sorted(rec["subscription"]["endpoint"].rsplit("/", 1)[1] for _, rec in store.subscriptions("u1"))
+    assert left == ["fine", "flaky"]  # a 500 is kept for the next run
+
+
+# ---------- the HTTP route on the Serve app ----------
+
+@pytest.mark.ray
+def test_subscription_route_needs_a_key_and_stores_the_device(web_app, redis_server):
+    import redis
+
+    from app.events.auth import ApiKeyStore
+
+    settings = web_app["settings"]
+    client = redis.Redis.from_url(redis_server.url)
+    keys = Keys(settings.redis.key_prefix)
+    read_only = ApiKeyStore(client, keys).create({"read"}).token
+    listener = ApiKeyStore(client, keys).create({"ingest", "read"}).token
+    body = subscription_body("http://127.0.0.1:9/push/route", user="route-user", timezone="Asia/Tokyo", genres=["jazz"])
+    with httpx.Client(base_url=web_app["base"], timeout=30) as api:
+        assert api.post("/v1/push/subscriptions", json=body).status_code == 401
+        assert api.post("/v1/push/subscriptions", json=body, headers={"Authorization": f"Bearer {read_only}"}).status_code == 403
+        auth = {"Authorization": f"Bearer {listener}"}
+        bad = dict(body, subscription=dict(body["subscription"], endpoint="https://metadata.internal/x"))
+        resp = api.post("/v1/push/subscriptions", json=bad, headers=auth)
+        assert resp.status_code == 422 and resp.json()["detail"][0]["loc"] == ["body", "subscription", "endpoint"]
+        resp = api.post("/v1/push/subscriptions", json=body, headers=auth)
+        assert resp.status_code == 201, resp.text
+        key = api.get("/v1/push/vapid-public-key", headers=auth).json()["public_key"]
+    assert key == load_vapid_keys(vapid_key_path(settings)).public_key
+    store = SubscriptionStore(client, keys)
+    assert "route-user" in store.users()
+    assert store.profile("route-user") == {"timezone": "Asia/Tokyo", "genres": ["jazz"]}

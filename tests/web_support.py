@@ -1,0 +1,90 @@
+"""Shared set-up of the web and push tests: a tiny published catalogue (so the Serve app
+answers real recommendations and trending) and the system Chromium via Playwright."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+APP_NAME = "webtest"
+PREFIX = "/webtest"
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+GENRES = ["rock", "jazz"]
+TRACKS = pd.DataFrame(
+    {
+        "track_id": [f"t{i:03d}" for i in range(16)],
+        "artist_id": [f"a{i // 2:02d}" for i in range(16)],
+        "genre": [GENRES[i % 2] for i in range(16)],
+    }
+)
+
+
+def publish_tiny_catalogue(settings) -> None:
+    """Content + popularity artifacts and trending lists for 16 tracks: what the batch jobs
+    would publish, small enough to write in milliseconds."""
+    from app.artifacts import ArtifactStore
+    from app.redis_server import connect
+    from app.trending.lists import TrendingLists
+
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(len(TRACKS), 4)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    store = ArtifactStore(settings.paths.artifacts_dir)
+    with store.publish("content") as folder:
+        TRACKS.to_parquet(folder / "tracks.parquet")
+        np.save(folder / "embeddings.npy", emb)
+    with store.publish("trending") as folder:
+        pd.DataFrame({"track_id": TRACKS["track_id"], "score": np.linspace(100, 10, len(TRACKS))}).to_parquet(folder / "popular.parquet")
+    trend = TRACKS.head(6).assign(rank_score=np.linspace(6, 1, 6), observed=np.linspace(60, 20, 6), expected=5.0)
+    lists = {"global": trend, **{f"genre:{g}": trend[trend["genre"] == g] for g in GENRES}}
+    TrendingLists(connect(settings), settings.redis.key_prefix).publish("test-v1", lists, ttl_s=3600)
+
+
+def launch_chromium(playwright):
+    """The system Chromium (never a downloaded one); `make test` installs it when missing."""
+    if not CHROMIUM.exists():
+        hint = "run `make browser` (apt-get install -y chromium)" if shutil.which("apt-get") else "no apt-get here to install it"
+        pytest.skip(f"{CHROMIUM} not found: {hint}")
+    return playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+
+
+@pytest.fixture(scope="session")
+def web_app(tmp_path_factory, redis_server, serve_port):
+    """One Serve app for the web and push tests (imported by conftest so it starts once):
+    its own key prefix and stream, demo sign-in on, loopback push endpoints allowed."""
+    from ray import serve
+
+    from app.config import settings_from_args
+    from app.push.vapid import ensure_vapid_keys, vapid_key_path
+    from deployments.app import build_app
+
+    tag = uuid.uuid4().hex[:6]
+    args = {
+        "redis": {"url": redis_server.url, "key_prefix": f"web{tag}", "stream_key": f"web{tag}:events", "dead_letter_key": f"web{tag}:dlq"},
+        "paths": {"state_dir": str(tmp_path_factory.mktemp("web-state"))},
+        "serving": {"reload_interval_s": 0.5},
+        "web": {"demo_sign_in": True},
+        "push": {"endpoint_hosts": ["127.0.0.1"], "vapid_subject": "mailto:test@echotune.invalid"},
+    }
+    settings = settings_from_args(args)
+    publish_tiny_catalogue(settings)
+    ensure_vapid_keys(vapid_key_path(settings))
+    serve.run(build_app(args), name=APP_NAME, route_prefix=PREFIX)
+    yield {"settings": settings, "args": args, "base": f"http://127.0.0.1:{serve_port}{PREFIX}"}
+    serve.delete(APP_NAME)

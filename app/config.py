@@ -434,6 +434,28 @@ class ExperimentSettings(Strict):
     """The evaluator sets a variant's kill switch in Redis when a critical guardrail breaks."""
 
 
+class FlagSettings(Strict):
+    """Feature flags (the seed's ENABLE_* switches). Each says what happens when it is off;
+    all are on by default. Serve reads them at deploy time (`serve deploy` with the edited file
+    rolls the replicas), jobs at start."""
+
+    feedback_events: bool = True
+    """ENABLE_FEEDBACK_EVENTS. Off: POST /v1/events answers 503 with a message naming this
+    flag and stores nothing (503, not 404, so client outboxes keep the events and replay them
+    once the flag is back on)."""
+    hybrid_reco: bool = True
+    """ENABLE_HYBRID_RECO. Off: recommendations are not personalised: only the trending and
+    popular sources are blended (CF, content and new releases get weight 0), still with the
+    heard filter, blocks and diversity re-ranking."""
+    trending_detection: bool = True
+    """ENABLE_TRENDING_DETECTION. Off: `jobs.pipeline` skips the trending job and GET
+    /v1/trending answers 503 naming this flag; lists already published expire after
+    `trending.ttl_s`, and the last trending artifact keeps feeding popularity."""
+    experiment_evaluation: bool = True
+    """ENABLE_EXPERIMENT_EVALUATION. Off: `jobs.evaluate_experiment` evaluates nothing and
+    rolls nothing back (it reports `skipped`); assignment and exposure logging go on."""
+
+
 class Settings(Strict):
     """Everything under `applications[name=echotune].args`."""
 
@@ -452,6 +474,7 @@ class Settings(Strict):
     web: WebSettings = WebSettings()
     push: PushSettings = PushSettings()
     experiments: ExperimentSettings = ExperimentSettings()
+    flags: FlagSettings = FlagSettings()
 
 
 class ConfigError(ValueError):

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 def pandas_peer(paths: list[str], experiment: str) -> pd.DataFrame:
     """The straightforward single-process version: read everything, group by user."""
     df = pd.concat([pd.read_parquet(p, columns=["user_id", "event_type", "timestamp", "duration_ms", "experiment", "variant", "session_id"]) for p in paths], ignore_index=True)
-    df["ts"] = df["timestamp"].astype("int64") // 1_000_000 if df["timestamp"].dtype.kind == "M" else df["timestamp"]
+    df["ts"] = (df["timestamp"] - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(milliseconds=1)  # epoch ms, whatever the unit
     imp = df[(df["event_type"] == "impression") & (df["experiment"] == experiment)]
     first = imp.groupby("user_id").agg(first_ms=("ts", "min"), variant=("variant", "first"), n_var=("variant", "nunique"))
     first = first[first["n_var"] == 1]

@@ -170,8 +170,9 @@ def main() -> None:
             serve.run(app, name=prefix, route_prefix=f"/{prefix}")
             headers = {"Authorization": f"Bearer {ApiKeyStore(client, Keys(prefix)).create({'ingest'}).token}"}
             url = f"{base}/{prefix}/v1/events"
-            asyncio.run(closed_loop(url, headers, 1.0, 2))  # warm-up (connections, first Lua load)
+            _, warm_ids, _ = asyncio.run(closed_loop(url, headers, 1.0, 2))  # warm-up (connections, first Lua load)
             eps, ids, errs = asyncio.run(closed_loop(url, headers, args.seconds, args.concurrency))
+            ids = warm_ids + ids  # every acknowledged event counts for `lost`
             rate = args.rate or max(1.0, eps / BATCH / 2)
             lat, lids, lerrs = asyncio.run(open_loop(url, headers, args.seconds, rate))
             stored = {json.loads(f[b"e"])["event_id"] for _, f in client.xrange(settings.redis.stream_key)}

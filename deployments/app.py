@@ -9,7 +9,7 @@ from typing import Any
 
 from ray.serve import Application
 
-from app.config import settings_from_args
+from app.config import Settings, settings_from_args
 from deployments.features import FeatureFetcher
 from deployments.gateway import EventGateway
 from deployments.ingress import ApiIngress
@@ -20,7 +20,12 @@ from deployments.trending import Trending
 
 def build_app(args: dict[str, Any]) -> Application:
     """Validate the application's args into Settings (naming any wrong key) and wire the DAG."""
-    settings = settings_from_args(args)
+    return wire(settings_from_args(args))
+
+
+def wire(settings: Settings) -> Application:
+    """The deployment DAG. Ranking knobs can then change at run time through each deployment's
+    `user_config` (the `deployments:` list of ray_config.yaml; see deployments/tuning.py)."""
     return ApiIngress.bind(
         settings,
         EventGateway.bind(settings),

@@ -58,6 +58,19 @@ def artist_popularity(settings: Settings, tracks: pd.DataFrame) -> dict[str, flo
     return np.log1p(per_track.groupby(tracks["artist_id"]).sum()).to_dict()
 
 
+def track_blocks(tracks: pd.DataFrame, batch_size: int):
+    """A dataset of (track_id, audio_path) in blocks of about `batch_size` rows, so every actor
+    of the pool gets work. Built from a list of frames rather than with `repartition`: that is
+    an all-to-all task needing a free CPU, and a pool sized to the whole cluster would leave it
+    waiting forever."""
+    import ray
+
+    rows = tracks[["track_id", "audio_path"]].reset_index(drop=True)
+    # At most ~1,000 blocks: plenty for any pool, without per-block overhead on a huge catalogue.
+    size = max(batch_size, int(np.ceil(len(rows) / 1000)))
+    return ray.data.from_pandas([rows.iloc[i : i + size] for i in range(0, len(rows), size)])
+
+
 def extract_audio(settings: Settings, tracks: pd.DataFrame) -> pd.DataFrame:
     """`analyse_tracks` rows for every catalogue track, computed by a Ray Data actor pool."""
     import ray
@@ -65,9 +78,7 @@ def extract_audio(settings: Settings, tracks: pd.DataFrame) -> pd.DataFrame:
 
     cfg = settings.content
     DataContext.get_current().enable_progress_bars = True  # the operator progress lines in the job log
-    n_blocks = max(1, min(len(tracks), int(np.ceil(len(tracks) / cfg.batch_size))))
-    ds = ray.data.from_pandas(tracks[["track_id", "audio_path"]]).repartition(n_blocks)
-    return ds.map_batches(
+    return track_blocks(tracks, cfg.batch_size).map_batches(
         AudioFeatureExtractor,
         fn_constructor_kwargs={"sample_rate": cfg.sample_rate, "max_seconds": cfg.analysis_seconds},
         # Ray 2.51+ deprecates `concurrency=` for a fixed pool in favour of this.

@@ -42,8 +42,10 @@ def replay_dead_letters(settings: Settings, reason: str | None = None, stage: st
             event = replayable_event(fields.get("record", "")) if fields.get("source") == "consume_events" else None
             if event is None:
                 skipped += 1
-            elif not dry_run and updates.apply_dead_letter(dlq.key, raw_id.decode(), event):
-                replayed += 1
+            elif not dry_run:
+                result = updates.apply_dead_letter(dlq.key, raw_id.decode(), event)
+                replayed += result.count
+                skipped += len(result.rejected)  # still cannot be applied: stays dead-lettered
     log.info("dead letters matched %d, replayed %d, skipped %d", matched, replayed, skipped)
     return {"job": "replay_dlq", "matched": matched, "replayed": replayed, "skipped": skipped, "dry_run": dry_run, "remaining": len(dlq)}
 

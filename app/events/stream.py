@@ -80,7 +80,8 @@ class PendingEvent:
     user_id: str
     timestamp_ms: int
     fingerprint: str
-    document: dict
+    document_json: str
+    """The stored JSON object (without session_id, which the append script adds)."""
 
 
 @dataclass
@@ -141,8 +142,7 @@ class EventStream:
             return []
         argv: list[str | int] = [self.dedup_prefix, self.dedup_ttl_s, self.session_prefix, self.session_gap_ms, self.session_ttl_s]
         for e in events:
-            head = json.dumps(e.document, separators=(",", ":"))
-            argv += [e.event_id, e.fingerprint, e.user_id, e.timestamp_ms, head[:-1]]
+            argv += [e.event_id, e.fingerprint, e.user_id, e.timestamp_ms, e.document_json[:-1]]
         flat = self._append(keys=[self.key], args=argv)
         return [
             AppendResult(AppendStatus(int(flat[i])), flat[i + 1].decode() if flat[i + 1] else None)

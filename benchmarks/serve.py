@@ -1,0 +1,268 @@
+"""Serving latency and throughput under open-loop load, against a bare chain of the same shape.
+
+    .venv/bin/python benchmarks/serve.py [--seconds 10] [--state /tmp/echotune-bench]
+
+Sets up a local Ray cluster, a redis-server and a small simulated world, runs the pipeline
+once (export -> batch jobs -> materialise; reused from --state when already there), deploys
+the EchoTune app and, beside it, a bare chain with the same hops doing no work (ingress ->
+fetch -> {cf, content} -> blend -> rerank). A separate load-generator process sends requests
+at a fixed arrival rate (open loop: latency counts from the scheduled send time, so a slow
+server cannot slow the generator down) at 10, 50 and 100 requests/s, then at saturation
+(a fixed number of closed-loop workers). Every request asks for k=20 with serving.candidates
+set so the blend sees at least 500 candidates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+RATES = (10, 50, 100)
+
+
+# ---------------------------------------------------------------- load generator (own process)
+async def _open_loop(url: str, users: list[str], rate: float, seconds: float) -> dict:
+    import httpx
+
+    n = int(rate * seconds)
+    latencies: list[float] = []
+    errors = 0
+    limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
+    async with httpx.AsyncClient(timeout=30, limits=limits) as client:
+        start = time.perf_counter() + 0.2
+
+        async def one(i: int) -> None:
+            nonlocal errors
+            scheduled = start + i / rate
+            await asyncio.sleep(max(0.0, scheduled - time.perf_counter()))
+            try:
+                resp = await client.get(url.format(user=users[i % len(users)]))
+                if resp.status_code != 200:
+                    errors += 1
+                    return
+            except Exception:  # noqa: BLE001 - a benchmark counts every failure as an error
+                errors += 1
+                return
+            latencies.append(time.perf_counter() - scheduled)
+
+        await asyncio.gather(*(one(i) for i in range(n)))
+        elapsed = time.perf_counter() - start
+    return _summary(latencies, errors, n, elapsed)
+
+
+async def _closed_loop(url: str, users: list[str], workers: int, seconds: float) -> dict:
+    import httpx
+
+    latencies: list[float] = []
+    errors = 0
+    sent = 0
+    deadline = time.perf_counter() + seconds
+    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=workers)) as client:
+
+        async def worker(w: int) -> None:
+            nonlocal errors, sent
+            i = w
+            while time.perf_counter() < deadline:
+                t0 = time.perf_counter()
+                sent += 1
+                try:
+                    resp = await client.get(url.format(user=users[i % len(users)]))
+                    if resp.status_code == 200:
+                        latencies.append(time.perf_counter() - t0)
+                    else:
+                        errors += 1
+                except Exception:  # noqa: BLE001
+                    errors += 1
+                i += workers
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(w) for w in range(workers)))
+        elapsed = time.perf_counter() - start
+    return _summary(latencies, errors, sent, elapsed)
+
+
+def _summary(latencies: list[float], errors: int, sent: int, elapsed: float) -> dict:
+    ms = np.asarray(latencies) * 1000 if latencies else np.asarray([np.nan])
+    return {
+        "sent": sent,
+        "ok": len(latencies),
+        "errors": errors,
+        "throughput_rps": len(latencies) / elapsed,
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p95_ms": float(np.percentile(ms, 95)),
+        "p99_ms": float(np.percentile(ms, 99)),
+    }
+
+
+def _load_process(kind: str, url: str, users: list[str], x: float, seconds: float, out) -> None:
+    coro = _open_loop(url, users, x, seconds) if kind == "open" else _closed_loop(url, users, int(x), seconds)
+    out.put(asyncio.run(coro))
+
+
+def run_load(kind: str, url: str, users: list[str], x: float, seconds: float) -> dict:
+    queue: mp.Queue = mp.get_context("spawn").Queue()
+    proc = mp.get_context("spawn").Process(target=_load_process, args=(kind, url, users, x, seconds, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+# ------------------------------------------------------------------------------ the bare chain
+def bare_chain_app():
+    """Same hops as the DAG, no work: what Serve itself costs for this shape."""
+    from fastapi import FastAPI
+    from ray import serve
+
+    api = FastAPI()
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
+    class Hop:
+        async def __call__(self, *args):
+            return args[0] if args else None
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=128)
+    @serve.ingress(api)
+    class BareIngress:
+        def __init__(self, fetch, cf, content, blend, rerank):
+            self.fetch, self.cf, self.content, self.blend, self.rerank = fetch, cf, content, blend, rerank
+
+        @api.get("/v1/users/{user_id}/recommendations")
+        async def recommend(self, user_id: str, k: int = 20):
+            features = self.fetch.remote(user_id)
+            blended = self.blend.remote(features, self.cf.remote(features), self.content.remote(features))
+            return {"user_id": user_id, "items": await self.rerank.remote(blended)}
+
+    return BareIngress.bind(
+        Hop.options(name="BareFetch").bind(), Hop.options(name="BareCF").bind(), Hop.options(name="BareContent").bind(),
+        Hop.options(name="BareBlend").bind(), Hop.options(name="BareRerank").bind(),
+    )
+
+
+# ---------------------------------------------------------------------------------- set-up
+def settings_args(state: Path, redis_url: str, world: dict) -> dict:
+    return {
+        "redis": {"url": redis_url, "key_prefix": "bench"},
+        "paths": {"state_dir": str(state)},
+        "world": world,
+        "serving": {"candidates": 500, "reload_interval_s": 2.0},
+        "auth": {"enabled": False},
+    }
+
+
+def prepare(args: dict, api: str) -> None:
+    """Run the pipeline once (events in over HTTP, export, batch jobs, materialise) unless the
+    state folder already holds its results."""
+    import httpx
+    import redis
+
+    from app.config import settings_from_args
+    from app.data.world import generate_world, load_world
+    from app.keys import Keys
+
+    settings = settings_from_args(args)
+    client = redis.Redis.from_url(settings.redis.url)
+    if (settings.paths.artifacts_dir / "cf" / "LATEST").exists() and client.get(Keys("bench").feature_alias()):
+        return
+    from jobs.batch import run_parallel
+    from jobs.export_events import export_events
+    from jobs.materialize import materialize
+
+    generate_world(settings.world, settings.paths.world_dir)
+    events = load_world(settings.paths.world_dir).events
+    events["timestamp"] = events["timestamp"].map(lambda t: t.isoformat())
+    records = events[["event_id", "user_id", "track_id", "event_type", "timestamp", "duration_ms"]].to_dict("records")
+    for i in range(0, len(records), 1000):
+        httpx.post(f"{api}/v1/events", json={"events": records[i : i + 1000]}, timeout=60).raise_for_status()
+    export_events(settings)
+    run_parallel(settings)
+    materialize(settings)
+    time.sleep(3 * settings.serving.reload_interval_s)  # replicas pick up the new versions
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=10.0, help="Seconds of load per rate.")
+    parser.add_argument("--workers", type=int, default=32, help="Closed-loop workers at saturation.")
+    parser.add_argument("--state", type=Path, default=Path(tempfile.gettempdir()) / "echotune-bench-serve")
+    args = parser.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+    import ray
+    import pandas as pd
+    from ray import serve
+
+    from app.redis_server import EmbeddedRedis, free_port
+    from deployments.app import build_app
+
+    args.state.mkdir(parents=True, exist_ok=True)
+    redis_server = EmbeddedRedis(args.state / "redis", appendonly=True)
+    redis_server.start()
+    try:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING", "enable_access_log": False})
+        app_args = settings_args(args.state, redis_server.url, {"n_users": 400, "n_tracks": 800, "n_artists": 80, "clip_seconds": 2.0})
+        serve.run(build_app(app_args), name="echotune", route_prefix="/")
+        prepare(app_args, f"http://127.0.0.1:{port}")
+        serve.run(bare_chain_app(), name="bare", route_prefix="/bare")
+        users = pd.read_parquet(args.state / "world" / "users.parquet")["user_id"].tolist()
+        ours_url = f"http://127.0.0.1:{port}/v1/users/{{user}}/recommendations?k=20"
+        bare_url = f"http://127.0.0.1:{port}/bare/v1/users/{{user}}/recommendations?k=20"
+        import httpx
+
+        sample = httpx.get(ours_url.format(user=users[0]), timeout=30).json()
+        assert len(sample["items"]) == 20, sample
+        for url in (ours_url, bare_url):  # warm both paths (numba, JIT of handles, connections)
+            run_load("open", url, users, 20, 3)
+
+        results: dict[str, dict] = {"ours": {}, "bare": {}}
+        for rate in RATES:
+            # Interleave the two so drift on a shared machine hits both alike.
+            for name, url in (("bare", bare_url), ("ours", ours_url)):
+                r = run_load("open", url, users, rate, args.seconds)
+                results[name][rate] = r
+                print(f"{name:>4} @ {rate:>3} req/s: p50 {r['p50_ms']:.1f} ms  p95 {r['p95_ms']:.1f} ms  "
+                      f"p99 {r['p99_ms']:.1f} ms  ok {r['ok']}/{r['sent']}  errors {r['errors']}")
+        for name, url in (("bare", bare_url), ("ours", ours_url)):
+            r = run_load("closed", url, users, args.workers, args.seconds)
+            results[name]["saturation"] = r
+            print(f"{name:>4} saturation ({args.workers} workers): {r['throughput_rps']:.0f} req/s  "
+                  f"p95 {r['p95_ms']:.1f} ms  errors {r['errors']}")
+    finally:
+        try:
+            serve.shutdown()
+            ray.shutdown()
+        finally:
+            redis_server.stop()
+
+    ours, bare = results["ours"], results["bare"]
+    summary = {
+        "p50_ms_50rps": round(ours[50]["p50_ms"], 2),
+        "p95_ms_50rps": round(ours[50]["p95_ms"], 2),
+        "p99_ms_50rps": round(ours[50]["p99_ms"], 2),
+        "bare_p95_ms_50rps": round(bare[50]["p95_ms"], 2),
+        "p95_ratio_vs_bare": round(ours[50]["p95_ms"] / bare[50]["p95_ms"], 3),
+        "p95_ms_10rps": round(ours[10]["p95_ms"], 2),
+        "p95_ms_100rps": round(ours[100]["p95_ms"], 2),
+        "rps_saturation": round(ours["saturation"]["throughput_rps"], 1),
+        "bare_rps_saturation": round(bare["saturation"]["throughput_rps"], 1),
+        "rps_ratio_vs_bare": round(ours["saturation"]["throughput_rps"] / bare["saturation"]["throughput_rps"], 3),
+        "errors": int(sum(r["errors"] for r in ours.values())),
+        "bare_errors": int(sum(r["errors"] for r in bare.values())),
+        "candidates_per_source": 500,
+        "k": 20,
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

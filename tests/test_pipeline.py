@@ -1,0 +1,152 @@
+"""`jobs.pipeline` on a tiny world with the real jobs: a full run, a second run that finds
+everything up to date, and a run whose CF job breaks, which must leave what was published
+serving.
+
+    .venv/bin/pytest tests/test_pipeline.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import datetime, timezone
+
+import pytest
+
+from app.artifacts import ArtifactStore
+from app.config import settings_from_args
+
+pytestmark = pytest.mark.ray
+
+WORLD = {
+    "seed": 11, "n_users": 30, "n_artists": 8, "n_tracks": 40, "genres": ["rock", "jazz", "classical"],
+    "days": 7, "sessions_per_user": 3.0, "tracks_per_session": 5.0, "n_breakouts": 1, "clip_seconds": 1.0,
+}
+
+
+def _post(settings, client, events) -> int:
+    """Through the gateway's own ingestor: the same validation and Redis Stream as HTTP."""
+    from app.events.enrichment import RequestContext
+    from app.events.ingest import EventIngestor
+    from app.events.stream import EventStream
+
+    now = datetime.now(timezone.utc)
+    ingestor = EventIngestor(EventStream.from_settings(client, settings), settings.gateway)
+    ctx = RequestContext.from_headers(None, None, int(now.timestamp() * 1000))
+    records = events[["event_id", "user_id", "track_id", "event_type", "timestamp"]].copy()
+    records["timestamp"] = records["timestamp"].map(lambda t: t.isoformat())
+    return ingestor.ingest({"events": records.to_dict("records")}, ctx, now).accepted
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_cluster, redis_server, tmp_path_factory):
+    import redis
+
+    from app.data.world import generate_world, load_world
+    from jobs.pipeline import run_pipeline
+
+    state = tmp_path_factory.mktemp("pipeline-state")
+    settings = settings_from_args({
+        "redis": {"url": redis_server.url, "key_prefix": f"pl{uuid.uuid4().hex[:6]}",
+                  "stream_key": f"pl:{uuid.uuid4().hex[:6]}:events", "dead_letter_key": f"pl:{uuid.uuid4().hex[:6]}:dlq"},
+        "paths": {"state_dir": str(state)},
+        "world": WORLD,
+        "cf": {"factors": 8, "iterations": 4, "ray_workers": 1, "eval_fraction": 0.0},
+        "content": {"concurrency": 1, "batch_size": 40, "embedding_dim": 4, "analysis_seconds": 1.0},
+        "trending": {"min_plays": 2},
+    })
+    generate_world(settings.world, settings.paths.world_dir)
+    world = load_world(settings.paths.world_dir)
+    client = redis.Redis.from_url(redis_server.url)
+    held_back = world.events.tail(20)
+    assert _post(settings, client, world.events.iloc[:-20]) == len(world.events) - 20
+    report = run_pipeline(settings)
+    return {"settings": settings, "client": client, "report": report, "held_back": held_back}
+
+
+def _stages(report) -> dict:
+    return {s["stage"]: s for s in report["stages"]}
+
+
+def test_first_run_runs_every_stage_and_records_it(first_run):
+    from app.pipeline_state import latest_run
+
+    report, settings = first_run["report"], first_run["settings"]
+    stages = _stages(report)
+    assert report["outcome"] == "ok", report
+    assert list(stages) == ["export", "content", "cf", "trending", "materialize", "parity"]
+    for name, stage in stages.items():
+        assert stage["outcome"] == "ok", (name, stage)
+        assert stage["seconds"] is not None and stage["started_at"]
+    assert stages["parity"]["summary"]["mismatches"] == 0 and stages["parity"]["summary"]["values"] > 0
+    on_disk = latest_run(settings.paths.state_dir / "pipeline")
+    assert on_disk["run_id"] == report["run_id"] and on_disk["outcome"] == "ok"
+    # The content, CF and trending tasks ran at the same time: each started before any ended.
+    starts = [datetime.fromisoformat(stages[n]["started_at"]) for n in ("content", "cf", "trending")]
+    ends = [s + __import__("datetime").timedelta(seconds=stages[n]["seconds"]) for s, n in zip(starts, ("content", "cf", "trending"))]
+    assert max(starts) < min(ends)
+
+
+def test_second_run_skips_what_is_up_to_date(first_run):
+    from jobs.pipeline import run_pipeline
+
+    report = run_pipeline(first_run["settings"])
+    stages = _stages(report)
+    assert report["outcome"] == "ok"
+    for name in ("export", "content", "cf", "trending", "materialize"):
+        assert stages[name]["outcome"] == "skipped", (name, stages[name])
+    assert "export cursor" in stages["export"]["reason"]
+    assert "unchanged" in stages["cf"]["reason"]
+    assert stages["parity"]["outcome"] == "ok"  # always checked
+
+
+def test_failed_stage_leaves_previous_versions_serving(first_run):
+    """New events arrive, CF breaks: the run fails at CF, the CF version and the feature
+    namespace that were published stay, and materialisation does not run on a half-updated set."""
+    from app.features.store import RedisOnlineStore
+    from app.keys import Keys
+    from jobs.pipeline import run_pipeline
+
+    settings, client = first_run["settings"], first_run["client"]
+    store = ArtifactStore(settings.paths.artifacts_dir)
+    online = RedisOnlineStore(client, Keys(settings.redis.key_prefix))
+    cf_before, namespace_before = store.latest_version("cf"), online.current().namespace
+    assert _post(settings, client, first_run["held_back"]) == 20
+
+    def broken_cf(settings):  # defined here, so Ray ships it by value to the task
+        raise RuntimeError("ALS diverged (injected)")
+
+    report = run_pipeline(settings, jobs={"cf": broken_cf}, force=False)
+    stages = _stages(report)
+    assert report["outcome"] == "failed"
+    assert stages["export"]["outcome"] == "ok" and stages["export"]["summary"]["exported"] == 20
+    assert stages["cf"]["outcome"] == "failed" and "ALS diverged" in stages["cf"]["reason"]
+    assert stages["materialize"]["outcome"] == "not_run" and "cf" in stages["materialize"]["reason"]
+    assert store.latest_version("cf") == cf_before
+    assert store.verify(store.latest("cf")) == []
+    assert online.current().namespace == namespace_before
+    manifest = json.loads((settings.paths.state_dir / "pipeline" / "runs" / f"{report['run_id']}.json").read_text())
+    assert manifest["outcome"] == "failed"
+
+
+def test_trending_flag_off_skips_the_trending_job(first_run):
+    """Runs last: stub jobs (no training time) stand in for the others; only the decision
+    about trending is under test."""
+    from jobs.pipeline import run_pipeline
+
+    settings = first_run["settings"]
+    off = settings.model_copy(update={"flags": settings.flags.model_copy(update={"trending_detection": False})})
+    ran = []
+
+    def stub(name):
+        def job(settings):
+            ran.append(name)  # only observed for jobs run in this process
+            return {"job": name, "mismatches": 0, "values": 1}
+        return job
+
+    report = run_pipeline(off, jobs={n: stub(n) for n in ("content", "cf", "trending", "materialize", "parity")}, force=True)
+    stages = _stages(report)
+    assert stages["trending"]["outcome"] == "skipped"
+    assert stages["trending"]["reason"] == "flags.trending_detection is off"
+    assert stages["content"]["outcome"] == stages["cf"]["outcome"] == "ok"
+    assert ran == ["materialize", "parity"]  # content and CF ran as Ray tasks, trending nowhere

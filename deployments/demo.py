@@ -36,6 +36,7 @@ log = logging.getLogger("echotune.demo")
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = "http://127.0.0.1:8265"
+METRICS_PORT = 8080  # Ray's default, spelled out so the printed URL is the real one
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 # Processes started by `ray start` (and so the drivers of submitted jobs) inherit this PATH:
 # `ray job submit -- python -m jobs.x` then runs this environment's python, with EchoTune.
@@ -69,7 +70,7 @@ def start_ray(settings: Settings) -> None:
     _run(
         _bin("ray"), "start", "--head",
         "--dashboard-host=127.0.0.1", "--dashboard-port=8265", "--include-dashboard=true",
-        "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={ray_temp_dir(settings)}",
+        "--num-cpus=2", "--disable-usage-stats", f"--metrics-export-port={METRICS_PORT}", f"--temp-dir={ray_temp_dir(settings)}",
     )
 
 
@@ -238,6 +239,13 @@ def demo(config: str) -> None:
         submit_and_wait(jobs, ["export_events"], config)
         submit_and_wait(jobs, ["embed_content", "train_cf", "trending"], config)
         submit_and_wait(jobs, ["materialize"], config)
+        # The consumer group keeps each user's fresh plays online, so new listening changes the
+        # next recommendations without retraining. It runs until the demo stops.
+        jobs.submit_job(
+            entrypoint=f"{sys.executable} -m jobs.consume_events --config {config} --follow",
+            runtime_env={"working_dir": str(ROOT)},
+            submission_id=f"consume_events-{int(time.time())}",
+        )
 
         user = _focused_user(world)
         time.sleep(settings.serving.reload_interval_s + 1)  # replicas pick up the new versions
@@ -247,6 +255,8 @@ def demo(config: str) -> None:
             f"  API:        {api}\n"
             f"  API docs:   {api}/docs\n"
             f"  Dashboard:  {DASHBOARD}\n"
+            f"  Metrics:    http://127.0.0.1:{METRICS_PORT}/metrics (Prometheus; EchoTune's are ray_echotune_*),"
+            f" Prometheus targets in {ray_temp_dir(settings)}/prom_metrics_service_discovery.json, README § Operations\n"
             f"  Try:        curl -H 'Authorization: Bearer {api_key}' '{api}/v1/users/{user}/recommendations?k=10'\n"
             f"  Sample:     {json.dumps([(i['track_id'], i['genre'], i['sources']) for i in sample['items']])}\n"
             "Ctrl-C (or `make stop` from another shell) stops Serve, Ray and Redis.",

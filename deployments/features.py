@@ -17,6 +17,7 @@ from app.keys import Keys
 from app.prefs import prefs_from_hash
 from app.recommend import UserFeatures, user_features_from_row
 from app.redis_server import connect
+from deployments.metrics import observe_latency
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
@@ -31,6 +32,7 @@ class FeatureFetcher:
             max_entries=settings.features.snapshot_entries,
         )
 
+    @observe_latency("feature_fetch", "FeatureFetcher")
     def fetch(self, user_id: str) -> UserFeatures:
         n = self.settings.serving.candidates
         live = [

@@ -13,6 +13,7 @@ from app.events.ingest import EventIngestor, StorageUnavailable
 from app.events.stream import EventStream
 from app.events.validation import EventValidationError
 from app.redis_server import connect
+from deployments.metrics import record_ingest, start_stream_health_poller
 
 log = logging.getLogger("ray.serve")
 
@@ -23,10 +24,17 @@ class EventGateway:
         self.settings = settings
         self.client = connect(settings)
         self.ingestor = EventIngestor(EventStream.from_settings(self.client, settings), settings.gateway)
+        # Dead letters and consumer lag as gauges (deployments/metrics.py), sampled off the request path.
+        self._stop_health = start_stream_health_poller(self.client, settings.redis.stream_key, settings.redis.dead_letter_key)
 
     def ingest(self, body: object, user_agent: str | None = None, accept_language: str | None = None) -> dict:
         """{"response": IngestResponse}, {"errors": [...]} (→ 422) or {"unavailable": seconds}
         (→ 503 + Retry-After), for the ingress to map to HTTP."""
+        result = self._ingest(body, user_agent, accept_language)
+        record_ingest(result)
+        return result
+
+    def _ingest(self, body: object, user_agent: str | None, accept_language: str | None) -> dict:
         now = datetime.now(timezone.utc)
         ctx = RequestContext.from_headers(user_agent, accept_language, int(now.timestamp() * 1000))
         try:

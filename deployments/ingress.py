@@ -24,6 +24,8 @@ from app.experiments.serving import ExperimentRouter
 from app.redis_server import connect
 from app.schemas import IngestResponse, RecommendationResponse
 from app.trending.query import trending_query_errors
+from app.flags import disabled_detail, with_flags
+from deployments.metrics import RequestMetrics, record_refused
 from deployments.pipeline import RecommendationPipeline
 from deployments.web import WebServices, mount_web
 
@@ -36,6 +38,7 @@ api = FastAPI(
 )
 api.add_middleware(BodySizeLimit, max_bytes_of=lambda: _replica().settings.gateway.max_body_bytes)
 mount_web(api)  # the PWA under /app, its sign-in and push routes
+api.add_middleware(RequestMetrics, deployment="ApiIngress")  # outermost: times every answer, 413s included
 
 
 def _replica() -> "ApiIngress":
@@ -86,6 +89,9 @@ class ApiIngress:
         responses={422: {"description": "Malformed event; `detail[].loc` names the field."}},
     )
     async def post_events(self, body: Any = Body(..., description="One event, or {\"events\": [...]}."), hints: dict = Depends(client_hints)):
+        if not self.settings.flags.feedback_events:
+            record_refused("disabled")
+            return JSONResponse(status_code=503, content=disabled_detail("feedback_events", "feedback events"))
         result = await self.gateway.ingest.remote(body, hints["user_agent"], hints["accept_language"])
         if "errors" in result:
             return _unprocessable(result["errors"])
@@ -103,6 +109,7 @@ class ApiIngress:
         request_id = uuid.uuid4().hex
         started = time.perf_counter()
         assignments, params = self.experiments.assign(user_id)
+        params = with_flags(params, self.settings.serving, self.settings.flags.hybrid_reco)
         response = self.experiments.label(await self.pipeline.run(user_id, k, request_id, params), assignments)
         if assignments:  # exposures are appended off the request path
             latency_ms = round((time.perf_counter() - started) * 1000)
@@ -118,6 +125,8 @@ class ApiIngress:
         locale: str | None = Query(None, description="What trends among listeners of this locale (e.g. en-US)."),
         k: int = Query(20, description="How many tracks, 1..max_k."),
     ):
+        if not self.settings.flags.trending_detection:
+            return JSONResponse(status_code=503, content=disabled_detail("trending_detection", "trending lists"))
         errors = trending_query_errors(genre, locale, k, self.settings.serving.max_k)
         if errors:
             return _unprocessable(errors)

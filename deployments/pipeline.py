@@ -21,6 +21,7 @@ from ray.serve.handle import DeploymentHandle
 
 from app.recommend import Blended, UserFeatures
 from app.schemas import RecommendationResponse, RecommendedTrack
+from deployments.metrics import record_fallback
 
 log = logging.getLogger("ray.serve")
 
@@ -45,6 +46,7 @@ class RecommendationPipeline:
         except Exception as exc:  # noqa: BLE001 - any stage failure takes the degraded path below
             log.warning("recommendation stage failed for %s, taking fallbacks: %s", user_id, exc)
         self.fallbacks_taken += 1
+        record_fallback()
         return await self._degraded(user_id, k, request_id, params)
 
     async def _stage(self, name: str, call, default):

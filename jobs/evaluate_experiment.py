@@ -109,6 +109,9 @@ def evaluate_experiment(
     catalogue: Path | None = None,
     out_dir: Path | None = None,
 ) -> dict:
+    if not settings.flags.experiment_evaluation:  # nothing read, nothing rolled back
+        log.warning("experiment evaluation is off (flags.experiment_evaluation): %s not evaluated", name)
+        return {"job": "evaluate_experiment", "experiment": name, "skipped": "flags.experiment_evaluation is off", "rolled_back": []}
     started = time.perf_counter()
     cfg = settings.experiments
     experiment = registry.get(name)

@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from app.redis_server import EmbeddedRedis, free_port
-from tests.web_support import web_app  # noqa: F401  (one Serve app shared by the web and push tests)
+from tests.web_support import web_app, web_redis  # noqa: F401  (one Serve app shared by the web and push tests)
 
 
 @pytest.fixture(scope="session")

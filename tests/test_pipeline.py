@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -51,7 +51,7 @@ def first_run(ray_cluster, redis_server, tmp_path_factory):
                   "stream_key": f"pl:{uuid.uuid4().hex[:6]}:events", "dead_letter_key": f"pl:{uuid.uuid4().hex[:6]}:dlq"},
         "paths": {"state_dir": str(state)},
         "world": WORLD,
-        "cf": {"factors": 8, "iterations": 4, "ray_workers": 1, "eval_fraction": 0.0},
+        "cf": {"factors": 8, "iterations": 4, "ray_workers": 0, "eval_fraction": 0.0},
         "content": {"concurrency": 1, "batch_size": 40, "embedding_dim": 4, "analysis_seconds": 1.0},
         "trending": {"min_plays": 2},
     })
@@ -83,7 +83,7 @@ def test_first_run_runs_every_stage_and_records_it(first_run):
     assert on_disk["run_id"] == report["run_id"] and on_disk["outcome"] == "ok"
     # The content, CF and trending tasks ran at the same time: each started before any ended.
     starts = [datetime.fromisoformat(stages[n]["started_at"]) for n in ("content", "cf", "trending")]
-    ends = [s + __import__("datetime").timedelta(seconds=stages[n]["seconds"]) for s, n in zip(starts, ("content", "cf", "trending"))]
+    ends = [s + timedelta(seconds=stages[n]["seconds"]) for s, n in zip(starts, ("content", "cf", "trending"))]
     assert max(starts) < min(ends)
 
 
@@ -116,7 +116,10 @@ def test_failed_stage_leaves_previous_versions_serving(first_run):
     def broken_cf(settings):  # defined here, so Ray ships it by value to the task
         raise RuntimeError("ALS diverged (injected)")
 
-    report = run_pipeline(settings, jobs={"cf": broken_cf}, force=False)
+    def quick(settings):  # content and trending are not under test here: skip their cost
+        return {"job": "stub"}
+
+    report = run_pipeline(settings, jobs={"cf": broken_cf, "content": quick, "trending": quick})
     stages = _stages(report)
     assert report["outcome"] == "failed"
     assert stages["export"]["outcome"] == "ok" and stages["export"]["summary"]["exported"] == 20
@@ -150,3 +153,19 @@ def test_trending_flag_off_skips_the_trending_job(first_run):
     assert stages["trending"]["reason"] == "flags.trending_detection is off"
     assert stages["content"]["outcome"] == stages["cf"]["outcome"] == "ok"
     assert ran == ["materialize", "parity"]  # content and CF ran as Ray tasks, trending nowhere
+
+
+def test_rayservice_manifest_holds_a_valid_echotune_serve_config():
+    """deploy/rayservice.yaml embeds a Serve config: it must validate like ray_config.yaml."""
+    from pathlib import Path
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    doc = yaml.safe_load((Path(__file__).resolve().parents[1] / "deploy" / "rayservice.yaml").read_text())
+    assert doc["kind"] == "RayService"
+    serve_config = yaml.safe_load(doc["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(serve_config)
+    app = next(a for a in serve_config["applications"] if a["name"] == "echotune")
+    settings = settings_from_args(app["args"])
+    assert settings.redis.url and str(settings.paths.state_dir) == "/data/echotune"

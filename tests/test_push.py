@@ -242,13 +242,13 @@ def test_gone_subscriptions_are_pruned(push_settings, redis_client, push_service
 # ---------- the HTTP route on the Serve app ----------
 
 @pytest.mark.ray
-def test_subscription_route_needs_a_key_and_stores_the_device(web_app, redis_server):
+def test_subscription_route_needs_a_key_and_stores_the_device(web_app):
     import redis
 
     from app.events.auth import ApiKeyStore
 
     settings = web_app["settings"]
-    client = redis.Redis.from_url(redis_server.url)
+    client = redis.Redis.from_url(web_app["settings"].redis.url)
     keys = Keys(settings.redis.key_prefix)
     read_only = ApiKeyStore(client, keys).create({"read"}).token
     listener = ApiKeyStore(client, keys).create({"ingest", "read"}).token

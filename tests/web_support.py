@@ -65,9 +65,20 @@ def launch_chromium(playwright):
 
 
 @pytest.fixture(scope="session")
-def web_app(tmp_path_factory, redis_server, serve_port):
+def web_redis(tmp_path_factory):
+    """The web app's own redis-server: it lives for the whole session, and other tests flush
+    the shared server's database between modules."""
+    from app.redis_server import EmbeddedRedis
+
+    server = EmbeddedRedis(tmp_path_factory.mktemp("web-redis"), appendonly=False).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def web_app(tmp_path_factory, web_redis, serve_port):
     """One Serve app for the web and push tests (imported by conftest so it starts once):
-    its own key prefix and stream, demo sign-in on, loopback push endpoints allowed."""
+    its own redis-server, key prefix and stream, demo sign-in on, loopback push endpoints allowed."""
     from ray import serve
 
     from app.config import settings_from_args
@@ -76,7 +87,7 @@ def web_app(tmp_path_factory, redis_server, serve_port):
 
     tag = uuid.uuid4().hex[:6]
     args = {
-        "redis": {"url": redis_server.url, "key_prefix": f"web{tag}", "stream_key": f"web{tag}:events", "dead_letter_key": f"web{tag}:dlq"},
+        "redis": {"url": web_redis.url, "key_prefix": f"web{tag}", "stream_key": f"web{tag}:events", "dead_letter_key": f"web{tag}:dlq"},
         "paths": {"state_dir": str(tmp_path_factory.mktemp("web-state"))},
         "serving": {"reload_interval_s": 0.5},
         "web": {"demo_sign_in": True},

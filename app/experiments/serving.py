@@ -15,6 +15,7 @@ experiment losing a few exposures is better than listeners losing their recommen
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -61,7 +62,7 @@ def exposure_events(response: RecommendationResponse, assignment: Assignment, la
             "received_at_ms": now_ms,
             "schema_version": SCHEMA_VERSION,
         }
-        out.append(PendingEvent(event_id=event_id, user_id=response.user_id, timestamp_ms=now_ms, fingerprint=event_id, document=doc))
+        out.append(PendingEvent(event_id=event_id, user_id=response.user_id, timestamp_ms=now_ms, fingerprint=event_id, document_json=json.dumps(doc, separators=(",", ":"))))
     return out
 
 

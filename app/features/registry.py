@@ -12,6 +12,7 @@ its type) therefore requires a new version number; `check_compatible` refuses it
 from __future__ import annotations
 
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import numpy as np
@@ -76,14 +77,8 @@ class FeatureView(BaseModel):
                 out[name] = str(value)
         return out
 
-    def decode(self, raw: dict[bytes, bytes]) -> dict[str, Any]:
-        decoders = self._decoders()
-        out: dict[str, Any] = {}
-        for key, value in raw.items():
-            hit = decoders.get(key)
-            if hit is not None:  # fields this version does not declare are ignored
-                out[hit[0]] = hit[1](value)
-        return out
+    def decode(self, raw: dict[bytes, bytes]) -> "Row":
+        return Row(raw, self._decoders())
 
     def _decoders(self) -> dict[bytes, tuple[str, Any]]:
         # Built once per view: decoding runs for every entity of every request.
@@ -92,6 +87,42 @@ class FeatureView(BaseModel):
             cached = {name.encode(): (name, _DECODERS[spec.type]) for name, spec in self.fields.items()}
             self.__dict__["_decoder_cache"] = cached
         return cached
+
+
+class Row(Mapping):
+    """A feature row read from Redis, decoded field by field on first access.
+
+    A request usually needs a few fields of many entities (the candidates' artist, say), so
+    decoding every list and vector up front would cost more than the network round trip.
+    Fields the view does not declare are invisible.
+    """
+
+    __slots__ = ("_raw", "_decoders", "_values")
+
+    def __init__(self, raw: dict[bytes, bytes], decoders: dict[bytes, tuple[str, Any]]):
+        self._raw = raw
+        self._decoders = decoders
+        self._values: dict[str, Any] = {}
+
+    def __getitem__(self, name: str) -> Any:
+        try:
+            return self._values[name]
+        except KeyError:
+            pass
+        key = name.encode()
+        if key not in self._raw or key not in self._decoders:
+            raise KeyError(name)
+        value = self._values[name] = self._decoders[key][1](self._raw[key])
+        return value
+
+    def __iter__(self):
+        return (self._decoders[k][0] for k in self._raw if k in self._decoders)
+
+    def __len__(self) -> int:
+        return sum(1 for k in self._raw if k in self._decoders)
+
+    def __repr__(self) -> str:
+        return f"Row({dict(self)!r})"
 
 
 # Lists are joined with the ASCII unit separator: splitting is several times faster than

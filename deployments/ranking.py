@@ -10,22 +10,13 @@ from __future__ import annotations
 
 from ray import serve
 
-from app.artifacts import ArtifactStore
-from app.config import Settings
-from app.models import ModelCache
 from app.recommend import Blended, Retrieved, UserFeatures, blend_candidates, rerank_candidates
 from app.schemas import RecommendationResponse
-from deployments.tuning import Tunable, apply_overrides
-
-
-class _Ranker(Tunable):
-    def __init__(self, settings: Settings):
-        super().__init__(settings)
-        self.models = ModelCache(ArtifactStore(settings.paths.artifacts_dir), settings.serving.reload_interval_s)
+from deployments.tuning import ModelServing, apply_overrides
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
-class Blender(_Ranker):
+class Blender(ModelServing):
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def blend(
         self,
@@ -42,7 +33,7 @@ class Blender(_Ranker):
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
-class Reranker(_Ranker):
+class Reranker(ModelServing):
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def rerank(
         self, blended: list[Blended], k: list[int], request_id: list[str], params: list[dict | None]

@@ -9,11 +9,10 @@ from __future__ import annotations
 import numpy as np
 from ray import serve
 
-from app.artifacts import ArtifactStore
 from app.config import Settings
-from app.models import ModelBundle, ModelCache
+from app.models import ModelBundle
 from app.recommend import Retrieved, UserFeatures, retrieve_cf, retrieve_content
-from deployments.tuning import Tunable
+from deployments.tuning import ModelServing
 
 
 def fold_in_vector(features: UserFeatures, bundle: ModelBundle, model) -> np.ndarray | None:
@@ -28,14 +27,8 @@ def fold_in_vector(features: UserFeatures, bundle: ModelBundle, model) -> np.nda
     return model.fold_in(items)
 
 
-class _Retriever(Tunable):
-    def __init__(self, settings: Settings):
-        super().__init__(settings)
-        self.models = ModelCache(ArtifactStore(settings.paths.artifacts_dir), settings.serving.reload_interval_s)
-
-
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
-class CFRetriever(_Retriever):
+class CFRetriever(ModelServing):
     def __init__(self, settings: Settings):
         super().__init__(settings)
         self._fold_model = None
@@ -64,7 +57,7 @@ class CFRetriever(_Retriever):
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
-class ContentRetriever(_Retriever):
+class ContentRetriever(ModelServing):
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def retrieve(self, batch: list[UserFeatures]) -> list[Retrieved]:
         return retrieve_content(batch, self.models.get(), self.serving.candidates)

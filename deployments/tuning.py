@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 
+from app.artifacts import ArtifactStore
 from app.config import ServingSettings, Settings
+from app.models import ModelCache
 
 log = logging.getLogger("ray.serve")
 
@@ -30,3 +32,11 @@ class Tunable:
     def reconfigure(self, user_config: dict) -> None:
         self.serving = apply_overrides(self.settings.serving, user_config)
         log.info("%s reconfigured: %s", type(self).__name__, sorted(user_config or {}))
+
+
+class ModelServing(Tunable):
+    """A tunable deployment holding the model bundle, reloaded when a job publishes."""
+
+    def __init__(self, settings: Settings):
+        super().__init__(settings)
+        self.models = ModelCache(ArtifactStore(settings.paths.artifacts_dir), settings.serving.reload_interval_s)

@@ -179,17 +179,21 @@ class ImplicitALS(Recommender):
         self._YtY: np.ndarray | None = None
         self._item_norms: np.ndarray | None = None
 
+    @staticmethod
+    def params_from(settings: CFSettings) -> dict:
+        """The model's hyperparameters as `ray_config.yaml` sets them."""
+        return {
+            "factors": settings.factors,
+            "regularization": settings.regularization,
+            "alpha": settings.alpha,
+            "iterations": settings.iterations,
+            "cg_steps": settings.cg_steps,
+            "seed": settings.seed,
+        }
+
     @classmethod
     def from_settings(cls, settings: CFSettings, block_size: int = 4096) -> "ImplicitALS":
-        return cls(
-            factors=settings.factors,
-            regularization=settings.regularization,
-            alpha=settings.alpha,
-            iterations=settings.iterations,
-            cg_steps=settings.cg_steps,
-            seed=settings.seed,
-            block_size=block_size,
-        )
+        return cls(**cls.params_from(settings), block_size=block_size)
 
     def init_factors(self, n_users: int, n_items: int) -> tuple[np.ndarray, np.ndarray]:
         """Small random normals (x0.01, as implicit scales its start) from the seed alone.

@@ -93,12 +93,7 @@ class RayALS(ImplicitALS):
     @classmethod
     def from_settings(cls, settings: CFSettings, block_size: int | None = None) -> "RayALS":
         return cls(
-            factors=settings.factors,
-            regularization=settings.regularization,
-            alpha=settings.alpha,
-            iterations=settings.iterations,
-            cg_steps=settings.cg_steps,
-            seed=settings.seed,
+            **cls.params_from(settings),
             block_size=block_size or settings.block_size,
             num_workers=settings.ray_workers,
             cpus_per_worker=settings.ray_cpus_per_worker,

@@ -1,6 +1,6 @@
 """FeatureFetcher: everything serving needs about a user in one Redis round trip: the
-materialised profile, the trending and popular lists, the plays the event consumer recorded
-since training (for the fold-in) and the listener's content preferences.
+materialised profile, the plays the event consumer recorded since training (for the fold-in)
+and the listener's content preferences.
 
 When Redis is unreachable it answers from its bounded local snapshot, flagged stale, so the
 request degrades instead of failing; `check_health` still reports the outage to Serve.
@@ -34,15 +34,16 @@ class FeatureFetcher:
 
     @observe_latency("feature_fetch", "FeatureFetcher")
     def fetch(self, user_id: str) -> UserFeatures:
-        n = self.settings.serving.candidates
+        """The user's own features. The trending and popular lists are the same for everyone,
+        so the Blender keeps them cached instead of every request carrying them along."""
         live = [
             LiveRead("list", self.keys.recent_plays(user_id), max(self.settings.serving.recent_plays, 1)),
             LiveRead("hash", self.keys.user_prefs(user_id)),
         ]
-        read = self.reader.read([("user_profile", user_id)], rankings=[("trending", n), ("popular", n)], live=live)
-        (row,), (trending, popular), (recent, prefs) = read.rows, read.rankings, read.live
+        read = self.reader.read([("user_profile", user_id)], live=live)
+        (row,), (recent, prefs) = read.rows, read.live
         return user_features_from_row(
-            user_id, row, trending, popular, read.namespace,
+            user_id, row, [], [], read.namespace,
             stale=read.stale, online_recent=recent, prefs=prefs_from_hash(prefs),
         )
 

@@ -28,8 +28,8 @@ class EventGateway:
         self._stop_health = start_stream_health_poller(self.client, settings.redis.stream_key, settings.redis.dead_letter_key)
 
     def ingest(self, body: object, user_agent: str | None = None, accept_language: str | None = None) -> dict:
-        """{"response": IngestResponse}, {"errors": [...]} (→ 422) or {"unavailable": seconds}
-        (→ 503 + Retry-After), for the ingress to map to HTTP."""
+        """{"response": IngestResponse}, {"errors": [...]} (→ 422) or {"unavailable": seconds,
+        "detail": message} (→ 503 + Retry-After), for the ingress to map to HTTP."""
         result = self._ingest(body, user_agent, accept_language)
         record_ingest(result)
         return result
@@ -42,8 +42,8 @@ class EventGateway:
             return {"response": self.ingestor.ingest(body, ctx, now).model_dump(mode="json")}
         except EventValidationError as exc:
             return {"errors": exc.errors}
-        except StorageUnavailable:
-            return {"unavailable": self.settings.gateway.unavailable_retry_after_s}
+        except StorageUnavailable as exc:
+            return {"unavailable": self.settings.gateway.unavailable_retry_after_s, "detail": exc.detail}
 
     # No Redis ping in check_health: restarting a gateway does not bring Redis back, and a live
     # gateway answering 503 + Retry-After is what a client needs while Redis is down.

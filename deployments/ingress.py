@@ -97,7 +97,8 @@ class ApiIngress:
             return _unprocessable(result["errors"])
         if "unavailable" in result:
             retry = str(result["unavailable"])
-            return JSONResponse(status_code=503, content={"detail": "event store unavailable, retry"}, headers={"Retry-After": retry})
+            detail = result.get("detail", "event store unavailable, retry")
+            return JSONResponse(status_code=503, content={"detail": detail}, headers={"Retry-After": retry})
         return result["response"]
 
     @api.get("/v1/users/{user_id}/recommendations", response_model=RecommendationResponse, tags=["recommendations"])

@@ -8,7 +8,7 @@ The fast path schedules every stage at once, passing DeploymentResponses along w
 awaiting in the middle (Serve resolves them; CF and content run in parallel as soon as the
 features are in). Only if that fails does the slow path walk the stages one by one, replacing
 each failed stage by its fallback: no features → the cold-start path; a retriever down →
-blend without it; blend down → the popular list; rerank down → the blend's own order. The
+blend without it; blend down → the reranker's popular list; rerank down → the blend's order. The
 answer is then still a 200, marked `degraded`.
 """
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 from ray.serve.handle import DeploymentHandle
 
 from app.recommend import Blended, UserFeatures
@@ -64,10 +63,11 @@ class RecommendationPipeline:
         content = await self._stage("content", self.content.retrieve.remote(features), None)
         blended: Blended | None = await self._stage("blend", self.blender.blend.remote(features, cf, content, params), None)
         if blended is None:
-            popular = features.popular or features.trending
-            blended = Blended(
-                user_id, True, [t for t, _ in popular], np.asarray([s for _, s in popular]),
-                [["popular"] for _ in popular], {}, degraded=True,
+            # The blend is where trending and popular come in; without it, the reranker's own
+            # popular list is the answer.
+            response = await self._stage("popular", self.reranker.popular.remote(user_id, k, request_id), None)
+            return response or RecommendationResponse(
+                user_id=user_id, request_id=request_id, cold_start=True, items=[], model_versions={}, degraded=True
             )
         blended.degraded = True
         response = await self._stage("rerank", self.reranker.rerank.remote(blended, k, request_id, params), None)

@@ -8,15 +8,31 @@ experiment variant's parameters), validated the same way.
 
 from __future__ import annotations
 
+import numpy as np
 from ray import serve
 
+from app.config import Settings
+from app.features.lists import SharedLists
+from app.features.reader import FeatureReader
+from app.features.store import RedisOnlineStore
+from app.keys import Keys
 from app.recommend import Blended, Retrieved, UserFeatures, blend_candidates, rerank_candidates
+from app.redis_server import connect
 from app.schemas import RecommendationResponse
 from deployments.tuning import ModelServing, apply_overrides
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
 class Blender(ModelServing):
+    def __init__(self, settings: Settings):
+        super().__init__(settings)
+        reader = FeatureReader(
+            RedisOnlineStore(connect(settings), Keys(settings.redis.key_prefix)),
+            refresh_s=settings.serving.reload_interval_s,
+            max_entries=0,
+        )
+        self.lists = SharedLists(reader, ("trending", "popular"), settings.serving.candidates, settings.serving.reload_interval_s)
+
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def blend(
         self,
@@ -26,6 +42,10 @@ class Blender(ModelServing):
         params: list[dict | None],
     ) -> list[Blended]:
         bundle = self.models.get()
+        lists = self.lists.get()
+        for f in features:
+            f.trending, f.popular = lists["trending"], lists["popular"]
+            f.stale = f.stale or self.lists.stale
         return [
             blend_candidates(f, bundle, apply_overrides(self.serving, p), cf=c, content=t)
             for f, c, t, p in zip(features, cf, content, params)
@@ -43,6 +63,15 @@ class Reranker(ModelServing):
             self._response(b, rerank_candidates(b, bundle, n, apply_overrides(self.serving, p)), rid)
             for b, n, rid, p in zip(blended, k, request_id, params)
         ]
+
+    def popular(self, user_id: str, k: int, request_id: str) -> RecommendationResponse:
+        """Last resort when the blend itself failed: the replica's own popular list."""
+        bundle = self.models.get()
+        items = bundle.popular if bundle else []
+        blended = Blended(
+            user_id, True, [t for t, _ in items], np.asarray([s for _, s in items]), [["popular"] for _ in items], {}, degraded=True
+        )
+        return self._response(blended, rerank_candidates(blended, bundle, k, self.serving), request_id)
 
     @staticmethod
     def _response(blended: Blended, items, request_id: str) -> RecommendationResponse:

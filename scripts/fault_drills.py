@@ -320,6 +320,8 @@ def drill_redis_full(api: str, client, stream_key: str, template: list[dict], pe
             "lost": len(set(acked) - stored),
             "refused_but_stored": len(refused_ids & stored),
         }
+        figures["clear_error"] = bool(refusals) and all(
+            r[0] in (503, 507) and "full" in r[1] and r[2] is not None for r in refusals)
         print(f"[redis-full] {figures['acked']} events acknowledged before the limit; then "
               f"{[r[0] for r in refusals]} {figures['message']} (Retry-After {figures['retry_after']})", flush=True)
         print(f"[redis-full] acknowledged but missing: {figures['lost']}; refused but stored: "
@@ -404,6 +406,7 @@ def main() -> None:
         "replica_kill_degraded_pct": round(rep["degraded_pct"], 3),
         "replica_kill_replica_back_s": None if rep["replica_back_s"] is None else round(rep["replica_back_s"], 2),
         "redis_restart_stored_twice": rst["stored_twice"],
+        "redis_full_clear_error": full["clear_error"],
     }))
 
 

@@ -64,3 +64,26 @@ def test_point_in_time_uses_the_snapshot_valid_at_each_event(tmp_path):
     assert joined["n_plays"].tolist()[1:] == [1, 5, 50]
     assert pd.isna(joined["n_plays"].iloc[0])  # before any snapshot: no features, no leakage
     assert joined["entity_id"].tolist() == ["u1", "u1", "u1", "u2"]
+
+
+def test_shared_lists_are_read_once_per_interval_and_survive_an_outage(tmp_path):
+    from app.features.lists import SharedLists
+
+    server = EmbeddedRedis(tmp_path / "lists", appendonly=False).start()
+    now = [0.0]
+    try:
+        client = redis.Redis.from_url(server.url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        store = RedisOnlineStore(client, Keys("t"))
+        store.write_ranking("ns1", "popular", {"a": 2.0, "b": 1.0}, ttl_s=60)
+        store.publish(Published("ns1", REGISTRY, {}))
+        lists = SharedLists(FeatureReader(store, 60, 0, clock=lambda: now[0]), ("popular",), 5, 10.0, clock=lambda: now[0])
+        assert lists.get()["popular"] == [("a", 2.0), ("b", 1.0)]
+        store.write_ranking("ns1", "popular", {"c": 9.0}, ttl_s=60)
+        assert lists.get()["popular"][0] == ("a", 2.0)  # within the interval: no new read
+        now[0] = 11.0
+        assert lists.get()["popular"] == [("c", 9.0)]
+        server.stop()
+        now[0] = 30.0
+        assert lists.get()["popular"] == [("c", 9.0)] and lists.stale
+    finally:
+        server.stop()

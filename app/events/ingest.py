@@ -29,7 +29,21 @@ _STATUS = {
 
 
 class StorageUnavailable(RuntimeError):
-    """Redis could not be reached: nothing was acknowledged, the client should retry."""
+    """Redis could not be reached or refused the write: nothing was acknowledged, the client
+    should retry. `detail` is the client-facing message (it says when Redis is full)."""
+
+    def __init__(self, message: str, detail: str = "event store unavailable, retry"):
+        super().__init__(message)
+        self.detail = detail
+
+
+def storage_refusal_detail(exc: redis.RedisError, what: str = "event store") -> str:
+    """What a client (and the SRE reading its logs) is told: "full" is an operator's problem
+    (raise maxmemory, export and trim the stream), "unavailable" usually heals by itself."""
+    # Inside a Lua script the OOM refusal comes back as a plain ResponseError "... -OOM ...".
+    if isinstance(exc, redis.exceptions.OutOfMemoryError) or "OOM command not allowed" in str(exc):
+        return f"{what} full (Redis maxmemory reached), nothing stored; retry later"
+    return f"{what} unavailable, retry"
 
 
 class EventIngestor:
@@ -50,8 +64,8 @@ class EventIngestor:
         except redis.RedisError as exc:
             # Includes timeouts: the script may or may not have run, so the client must retry;
             # a retry of what did land is reported as a duplicate, never stored twice.
-            log.warning("event append failed, answering 503: %s", type(exc).__name__)
-            raise StorageUnavailable(str(exc)) from exc
+            log.warning("event append failed, answering 503: %s: %s", type(exc).__name__, exc)
+            raise StorageUnavailable(str(exc), storage_refusal_detail(exc)) from exc
         results, counts = [], {s: 0 for s in AppendStatus}
         for event, res in zip(events, appended):
             counts[res.status] += 1

@@ -1,0 +1,30 @@
+"""Ranked lists every request needs (trending, popular), read once per refresh interval per
+replica rather than once per request: they change once per materialisation."""
+
+from __future__ import annotations
+
+import time
+
+from app.features.reader import FeatureReader
+
+
+class SharedLists:
+    def __init__(self, reader: FeatureReader, names: tuple[str, ...], n: int, refresh_s: float, clock=time.monotonic):
+        self.reader = reader
+        self.names = names
+        self.n = n
+        self.refresh_s = refresh_s
+        self.clock = clock
+        self._lists: dict[str, list[tuple[str, float]]] = {name: [] for name in names}
+        self._read_at = -float("inf")
+        self.stale = False
+
+    def get(self) -> dict[str, list[tuple[str, float]]]:
+        """The latest lists; during an outage the last ones read (FeatureReader's snapshot)."""
+        if self.clock() - self._read_at >= self.refresh_s:
+            read = self.reader.read([], rankings=[(name, self.n) for name in self.names])
+            self._lists = dict(zip(self.names, read.rankings))
+            self.stale = read.stale
+            # While stale, retry every call: Redis coming back should be noticed at once.
+            self._read_at = -float("inf") if read.stale else self.clock()
+        return self._lists

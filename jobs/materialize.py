@@ -176,9 +176,9 @@ def materialize(settings: Settings) -> dict:
     meta = {"as_of": str(as_of) if as_of is not None else None, "artifacts": versions, "counts": counts}
     offline.finish(namespace, registry, meta)
     previous = online.publish(Published(namespace, registry, meta))
-    if previous is not None and previous.namespace != namespace:
-        n = online.expire_namespace(previous.namespace, settings.features.old_namespace_grace_s)
-        log.info("previous namespace %s: %d keys expire in %ds", previous.namespace, n, settings.features.old_namespace_grace_s)
+    if previous is not None and previous != namespace:
+        n = online.expire_namespace(previous, settings.features.old_namespace_grace_s)
+        log.info("previous namespace %s: %d keys expire in %ds", previous, n, settings.features.old_namespace_grace_s)
     return {"job": "materialize", "namespace": namespace, "users": counts.get("user_profile", 0), **meta}
 
 

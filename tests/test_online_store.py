@@ -85,10 +85,17 @@ def test_live_lists_and_hashes_come_back_in_the_same_read(store, redis_client):
 def test_publish_switches_and_returns_previous(store):
     assert store.current() is None
     assert store.publish(Published("v1", REGISTRY, {"as_of": "x"})) is None
-    previous = store.publish(Published("v2", REGISTRY, {}))
-    assert previous.namespace == "v1" and previous.meta == {"as_of": "x"}
+    assert store.publish(Published("v2", REGISTRY, {})) == "v1"
     current = store.current()
     assert current.namespace == "v2" and current.registry == REGISTRY
+
+
+def test_alias_in_the_older_bare_format_is_replaced_not_fatal(redis_client):
+    store = RedisOnlineStore(redis_client, Keys("test"))
+    redis_client.set(Keys("test").feature_alias(), "20261126T000000Z-abc")
+    assert store.current() is None
+    assert store.publish(Published("v2", REGISTRY, {})) == "20261126T000000Z-abc"
+    assert store.current().namespace == "v2"
 
 
 def test_expired_namespace_disappears(store, redis_client):

@@ -10,6 +10,7 @@ Reads of any number of entities across views, plus ranked lists, go out as one p
 from __future__ import annotations
 
 import json
+import logging
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ import redis
 
 from app.features.registry import FeatureView, Registry
 from app.keys import Keys
+
+log = logging.getLogger(__name__)
 
 Rows = Iterable[tuple[str, dict[str, Any]]]
 
@@ -59,6 +62,14 @@ class Published:
         return cls(doc["namespace"], Registry.model_validate(doc["registry"]), doc.get("meta", {}))
 
 
+def _namespace_of(alias: bytes) -> str:
+    """The namespace an alias value names, in the current format or the older bare one."""
+    try:
+        return json.loads(alias)["namespace"]
+    except (ValueError, KeyError, TypeError):
+        return alias.decode()
+
+
 class OnlineStore(ABC):
     @abstractmethod
     def write(self, namespace: str, view: FeatureView, rows: Rows) -> int:
@@ -84,8 +95,8 @@ class OnlineStore(ABC):
         """The published namespace and registry, or None before the first materialisation."""
 
     @abstractmethod
-    def publish(self, published: Published) -> Published | None:
-        """Atomically point readers at a namespace; returns what was published before."""
+    def publish(self, published: Published) -> str | None:
+        """Atomically point readers at a namespace; returns the namespace published before."""
 
     @abstractmethod
     def expire_namespace(self, namespace: str, seconds: int) -> int:
@@ -148,11 +159,19 @@ class RedisOnlineStore(OnlineStore):
 
     def current(self) -> Published | None:
         value = self.client.get(self.keys.feature_alias())
-        return Published.from_json(value) if value else None
+        if not value:
+            return None
+        try:
+            return Published.from_json(value)
+        except ValueError:
+            # An alias written by an older EchoTune (a bare namespace, no registry): nothing a
+            # reader can decode; the next materialisation replaces it.
+            log.warning("feature alias holds no registry (older format); treating as unpublished")
+            return None
 
-    def publish(self, published: Published) -> Published | None:
+    def publish(self, published: Published) -> str | None:
         previous = self.client.set(self.keys.feature_alias(), published.to_json(), get=True)
-        return Published.from_json(previous) if previous else None
+        return _namespace_of(previous) if previous else None
 
     def expire_namespace(self, namespace: str, seconds: int) -> int:
         n = 0
@@ -212,9 +231,9 @@ class InMemoryOnlineStore(OnlineStore):
     def current(self) -> Published | None:
         return self._published
 
-    def publish(self, published: Published) -> Published | None:
+    def publish(self, published: Published) -> str | None:
         previous, self._published = self._published, published
-        return previous
+        return previous.namespace if previous else None
 
     def expire_namespace(self, namespace: str, seconds: int) -> int:
         deadline = self._clock() + seconds

@@ -325,6 +325,9 @@ class ServingSettings(Strict):
     filled from them in this order. Every name must be a known source."""
     recent_plays: int = Field(20, ge=0)
     """Recent plays kept per user for content neighbours and freshness."""
+    fresh_play_weight: float = Field(3.0, gt=0)
+    """Weight of a play since the last training in the request-time fold-in, relative to a
+    play in the trained history: the current session counts for more."""
     max_k: int = Field(200, ge=1)
     """Largest k a client may ask for."""
     reload_interval_s: float = Field(10.0, gt=0)

@@ -115,7 +115,9 @@ def retrieve_content(batch: list[UserFeatures], bundle: ModelBundle | None, n: i
         return out
     centroids, rows = [], []
     for i, features in enumerate(batch):
-        recent = bundle.indices(features.online_recent[:5] + features.recent_tracks)
+        # A session in progress says more about what to play next than the longer history.
+        fresh = features.fresh_plays[:5]
+        recent = bundle.indices(fresh if fresh else features.recent_tracks)
         if len(recent):
             c = bundle.embeddings[recent].mean(axis=0)
             norm = np.linalg.norm(c)

@@ -15,16 +15,17 @@ from app.recommend import Retrieved, UserFeatures, retrieve_cf, retrieve_content
 from deployments.tuning import ModelServing
 
 
-def fold_in_vector(features: UserFeatures, bundle: ModelBundle, model) -> np.ndarray | None:
+def fold_in_vector(features: UserFeatures, bundle: ModelBundle, model, fresh_weight: float) -> np.ndarray | None:
     """The user's vector with plays since the last training folded in (exact ALS half-step
-    over their whole known history), so one new session changes the next recommendations."""
-    fresh = features.fresh_plays
+    over their whole known history, fresh plays weighted `fresh_weight`: they say what the
+    listener wants now), so one new session changes the next recommendations."""
+    fresh = [t for t in features.fresh_plays if t in bundle.index]
     if not fresh or model is None:
         return features.cf_vector
-    items = bundle.indices(list(features.seen_tracks) + fresh)
-    if not len(items):
-        return features.cf_vector
-    return model.fold_in(items)
+    history = [t for t in features.seen_tracks if t in bundle.index]
+    items = bundle.indices(history + fresh)
+    weights = np.concatenate([np.ones(len(history)), np.full(len(fresh), fresh_weight)])
+    return model.fold_in(items, weights)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
@@ -52,7 +53,7 @@ class CFRetriever(ModelServing):
         if bundle is None:
             return [Retrieved([], np.empty(0)) for _ in batch]
         model = self._fold_in_model(bundle)
-        pairs = [(f, fold_in_vector(f, bundle, model)) for f in batch]
+        pairs = [(f, fold_in_vector(f, bundle, model, self.serving.fresh_play_weight)) for f in batch]
         return retrieve_cf(pairs, bundle, self.serving.candidates)
 
 

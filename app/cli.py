@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         if running:
             print(f"already running: {running['url']}")
             return 0
-        server = EmbeddedRedis(settings.paths.redis_dir, appendonly=settings.redis.appendonly).start()
+        server = EmbeddedRedis(settings.paths.redis_dir, appendonly=settings.redis.appendonly, appendfsync=settings.redis.appendfsync).start()
         server.register()
         print(server.url)
     else:

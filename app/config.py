@@ -38,6 +38,9 @@ class RedisSettings(Strict):
     """Prefix of every key EchoTune writes, so one server can host several deployments."""
     appendonly: bool = True
     """Embedded server only: append-only file on, so acknowledged events survive a restart."""
+    appendfsync: Literal["always", "everysec"] = "always"
+    """Embedded server only: "always" fsyncs each write before Redis answers, so no acknowledged
+    event is lost even on a power cut; "everysec" may lose up to a second of them, for speed."""
     socket_timeout_s: float = Field(2.0, gt=0)
     """Client socket timeout; a hung Redis must not hang a request forever."""
 

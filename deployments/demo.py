@@ -216,7 +216,7 @@ def demo(config: str) -> None:
     if settings.redis.url is None:
         if registered_server(settings.paths.redis_dir):
             raise SystemExit("an embedded Redis from an earlier demo is still running: `make stop` first")
-        redis_proc = EmbeddedRedis(settings.paths.redis_dir, appendonly=settings.redis.appendonly).start()
+        redis_proc = EmbeddedRedis(settings.paths.redis_dir, appendonly=settings.redis.appendonly, appendfsync=settings.redis.appendfsync).start()
         redis_proc.register()
         log.info("redis-server at %s (data in %s)", redis_proc.url, settings.paths.redis_dir)
     try:

@@ -48,6 +48,9 @@ class UserFeatures:
     trending: list[tuple[str, float]] = field(default_factory=list)
     popular: list[tuple[str, float]] = field(default_factory=list)
     feature_version: str | None = None
+    cf_version: str | None = None
+    """The CF model version `cf_vector` came from: vectors of another version live in a
+    different latent space and must not be scored against the current item factors."""
     stale: bool = False
     """Features came from the replica's local snapshot because the online store was down."""
 
@@ -264,9 +267,10 @@ def user_features_from_row(
     stale: bool = False,
     online_recent: list[str] | None = None,
     prefs: UserPrefs | None = None,
+    cf_version: str | None = None,
 ) -> UserFeatures:
     common = dict(
-        trending=trending, popular=popular, feature_version=namespace, stale=stale,
+        trending=trending, popular=popular, feature_version=namespace, stale=stale, cf_version=cf_version,
         online_recent=online_recent or [], prefs=prefs or UserPrefs(),
     )
     if row is None:

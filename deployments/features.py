@@ -45,6 +45,7 @@ class FeatureFetcher:
         return user_features_from_row(
             user_id, row, [], [], read.namespace,
             stale=read.stale, online_recent=recent, prefs=prefs_from_hash(prefs),
+            cf_version=read.meta.get("artifacts", {}).get("cf"),
         )
 
     def check_health(self) -> None:

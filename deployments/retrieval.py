@@ -20,9 +20,15 @@ def fold_in_vector(features: UserFeatures, bundle: ModelBundle, model, fresh_wei
     over their whole known history, fresh plays weighted `fresh_weight`: they say what the
     listener wants now), so one new session changes the next recommendations."""
     fresh = [t for t in features.fresh_plays if t in bundle.index]
-    if not fresh or model is None:
+    current = features.cf_version is None or features.cf_version == bundle.versions.get("cf")
+    if model is None:
+        return features.cf_vector if current else None
+    if not fresh and current:
         return features.cf_vector
+    # New plays, or a stored vector from another model version: solve from the history.
     history = [t for t in features.seen_tracks if t in bundle.index]
+    if not history and not fresh:
+        return None
     items = bundle.indices(history + fresh)
     weights = np.concatenate([np.ones(len(history)), np.full(len(fresh), fresh_weight)])
     return model.fold_in(items, weights)

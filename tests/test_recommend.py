@@ -165,3 +165,20 @@ def test_rerank_marks_diversity_demotions():
 def test_preferences_parse_from_redis_hash():
     prefs = prefs_from_hash({"allow_explicit": "0", "blocked_tracks": "t1\x1ft2"})
     assert prefs == UserPrefs(False, {"t1", "t2"}, set())
+
+
+def test_stored_vector_of_another_model_version_is_replaced_by_a_fold_in():
+    from deployments.retrieval import fold_in_vector
+    from training.als import ImplicitALS
+
+    b = bundle()
+    model = ImplicitALS.from_factors(np.zeros((1, 2), np.float32), b.item_factors, regularization=1.0, alpha=10.0)
+    stored = np.array([-5.0, 5.0], dtype=np.float32)
+    same = UserFeatures("u", True, cf_vector=stored, seen_tracks=["t0", "t1"], cf_version="v1")
+    other = UserFeatures("u", True, cf_vector=stored, seen_tracks=["t0", "t1"], cf_version="v0")
+    np.testing.assert_array_equal(fold_in_vector(same, b, model, 3.0), stored)
+    refreshed = fold_in_vector(other, b, model, 3.0)
+    np.testing.assert_allclose(refreshed, model.fold_in(b.indices(["t0", "t1"])))
+    assert refreshed[0] > refreshed[1]  # t0, t1 live on the first factor
+    fresh = UserFeatures("u", True, cf_vector=stored, seen_tracks=["t0"], online_recent=["t5", "t6"], cf_version="v1")
+    assert fold_in_vector(fresh, b, model, 3.0)[1] > 0  # the new session pulls towards the second factor

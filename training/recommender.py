@@ -210,15 +210,7 @@ class Recommender(ABC):
         """
         self._check_fitted()
         self._check_k(k)
-        users = np.asarray(users)
-        if users.ndim != 1:
-            raise ValueError(f"users must be a 1-D array of user ids, got shape {users.shape}")
-        if users.size and not np.issubdtype(users.dtype, np.integer):
-            raise ValueError(f"users must be integer ids, got dtype {users.dtype}")
-        users = users.astype(np.int64)
-        if users.size and (users.min() < 0 or users.max() >= self.n_users):
-            bad = users[(users < 0) | (users >= self.n_users)][0]
-            raise UnknownUserError(f"user {bad} out of range [0, {self.n_users})")
+        users = _id_array(users, self.n_users, "users", "a 1-D array of user ids", "user", UnknownUserError)
         csr = check_user_items(user_items, (self.n_users, self.n_items), check_values=False)
         width = min(k, self.n_items)
         out_ids = np.empty((len(users), width), dtype=np.int64)
@@ -287,15 +279,7 @@ class Recommender(ABC):
     # --- validation ------------------------------------------------------------------
     def _check_plays(self, item_ids, weights) -> tuple[np.ndarray, np.ndarray]:
         """Distinct item ids and their summed weights, or a ValueError naming the problem."""
-        ids = np.asarray(item_ids)
-        if ids.ndim != 1:
-            raise ValueError(f"item_ids must be 1-D, got shape {ids.shape}")
-        if ids.size and not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"item_ids must be integer ids, got dtype {ids.dtype}")
-        ids = ids.astype(np.int64)
-        if ids.size and (ids.min() < 0 or ids.max() >= self.n_items):
-            bad = ids[(ids < 0) | (ids >= self.n_items)][0]
-            raise ValueError(f"item {bad} out of range [0, {self.n_items})")
+        ids = _id_array(item_ids, self.n_items, "item_ids", "1-D", "item", ValueError)
         if weights is None:
             w = np.ones(len(ids), dtype=np.float64)
         else:
@@ -348,3 +332,17 @@ class Recommender(ABC):
             bad = items[0] if items[0] < 0 else items[-1]
             raise ValueError(f"candidate item {bad} out of range [0, {self.n_items})")
         return items
+
+
+def _id_array(values, upper: int, name: str, shape: str, unit: str, out_of_range: type[ValueError]) -> np.ndarray:
+    """`values` as int64 ids in [0, upper), or a ValueError naming the problem."""
+    ids = np.asarray(values)
+    if ids.ndim != 1:
+        raise ValueError(f"{name} must be {shape}, got shape {ids.shape}")
+    if ids.size and not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"{name} must be integer ids, got dtype {ids.dtype}")
+    ids = ids.astype(np.int64)
+    if ids.size and (ids.min() < 0 or ids.max() >= upper):
+        bad = ids[(ids < 0) | (ids >= upper)][0]
+        raise out_of_range(f"{unit} {bad} out of range [0, {upper})")
+    return ids

@@ -66,6 +66,10 @@ class Keys:
         """Hash of a listener's web-push subscriptions: endpoint digest -> subscription JSON."""
         return f"{self.prefix}:push:subs:{user_id}"
 
+    def push_sequence(self, user_id: str) -> str:
+        """Counter ordering a listener's device subscriptions (the oldest is replaced first)."""
+        return f"{self.prefix}:push:seq:{user_id}"
+
     def push_profile(self, user_id: str) -> str:
         """Hash of a listener's push preferences: time zone, genres."""
         return f"{self.prefix}:push:profile:{user_id}"

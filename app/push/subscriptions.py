@@ -132,7 +132,10 @@ class SubscriptionStore:
         device count. The same endpoint again replaces its record instead of adding one."""
         user = request.user_id
         sub_id = subscription_id(request.subscription.endpoint)
-        record = {"subscription": request.subscription.model_dump(), "created_at_ms": int(time.time() * 1000)}
+        # A per-listener sequence orders devices exactly; two adds in one millisecond would
+        # otherwise tie on the clock and evict an arbitrary one.
+        seq = int(self.client.incr(self.keys.push_sequence(user)))
+        record = {"subscription": request.subscription.model_dump(), "created_at_ms": int(time.time() * 1000), "seq": seq}
         name = self.keys.push_subscriptions(user)
         pipe = self.client.pipeline(transaction=True)
         pipe.hset(name, sub_id, json.dumps(record))
@@ -140,7 +143,7 @@ class SubscriptionStore:
         pipe.sadd(self.keys.push_users(), user)
         pipe.execute()
         subs = self.subscriptions(user)
-        for old_id, _ in sorted(subs, key=lambda s: s[1]["created_at_ms"])[: max(0, len(subs) - self.max_per_user)]:
+        for old_id, _ in sorted(subs, key=lambda s: (s[1].get("seq", 0), s[1]["created_at_ms"]))[: max(0, len(subs) - self.max_per_user)]:
             self.remove(user, old_id)
         return sub_id, min(len(subs), self.max_per_user)
 

@@ -13,7 +13,7 @@ import pytest
 import scipy.sparse as sp
 
 from app.config import CFSettings
-from training.als import ImplicitALS, half_step, solve_block, training_loss
+from training.als import ImplicitALS, half_step, training_loss
 from training.ease import EASE
 from training.knn import ItemKNN, bm25_weight, keep_top_per_row
 from training.nmf import NMFRecommender
@@ -253,7 +253,7 @@ class TestImplicitALS(RecommenderContract):
         np.testing.assert_allclose(small.user_factors, whole.user_factors, rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(small.item_factors, whole.item_factors, rtol=1e-4, atol=1e-6)
 
-    def test_solve_block_matches_exact_solve_and_is_pure(self):
+    def test_half_step_matches_exact_solve_and_is_pure(self):
         """Enough CG steps reach the closed-form least-squares solution for every row."""
         rng = np.random.default_rng(0)
         R = sp.random(30, 40, density=0.2, random_state=1, format="csr", dtype=np.float32)
@@ -261,7 +261,7 @@ class TestImplicitALS(RecommenderContract):
         Y = rng.standard_normal((40, 5)).astype(np.float32) * 0.3
         X = rng.standard_normal((30, 5)).astype(np.float32) * 0.01
         X_before, Y_before = X.copy(), Y.copy()
-        new = solve_block(R, X, Y, Y.T @ Y, regularization=0.5, alpha=4.0, cg_steps=25)
+        new = half_step(R, X, Y, regularization=0.5, alpha=4.0, cg_steps=25, block_size=7)
         np.testing.assert_array_equal(X, X_before)
         np.testing.assert_array_equal(Y, Y_before)
         for u in range(30):
@@ -270,6 +270,32 @@ class TestImplicitALS(RecommenderContract):
             A = (Y.T * c) @ Y + 0.5 * np.eye(5)
             b = Y.T @ (c * (row > 0))
             np.testing.assert_allclose(new[u], np.linalg.solve(A, b), rtol=1e-3, atol=1e-4)
+
+    def test_thread_count_does_not_change_result(self, user_items):
+        one = ImplicitALS(factors=4, regularization=0.1, iterations=5, seed=3, num_threads=1).fit(user_items)
+        two = ImplicitALS(factors=4, regularization=0.1, iterations=5, seed=3, num_threads=2).fit(user_items)
+        np.testing.assert_array_equal(one.user_factors, two.user_factors)
+        np.testing.assert_array_equal(one.item_factors, two.item_factors)
+
+    def test_half_step_is_implicits_cg_step(self):
+        """Same CG steps from the same start as implicit's solver: the same factors.
+
+        implicit's confidence is its input as given, so it gets 1 + alpha * R.
+        """
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # implicit's BLAS-threads advice
+            _als = pytest.importorskip("implicit.cpu._als")
+        rng = np.random.default_rng(2)
+        R = sp.random(50, 40, density=0.15, random_state=2, format="csr", dtype=np.float32)
+        R.data = np.ceil(R.data * 4)
+        Y = rng.standard_normal((40, 6)).astype(np.float32) * 0.3
+        X = rng.standard_normal((50, 6)).astype(np.float32) * 0.1
+        confidence = R.copy()
+        confidence.data = 1 + 3.0 * confidence.data
+        expected = X.copy()
+        _als.least_squares_cg(confidence, expected, Y, 0.5, 1, 3)
+        ours = half_step(R, X, Y, regularization=0.5, alpha=3.0, cg_steps=3)
+        np.testing.assert_allclose(ours, expected, rtol=1e-4, atol=1e-5)
 
     def test_half_steps_reduce_loss(self, user_items):
         model = ImplicitALS(factors=4, regularization=0.1, alpha=10.0, seed=0)
@@ -301,7 +327,9 @@ class TestImplicitALS(RecommenderContract):
             ImplicitALS.from_factors(model.user_factors, model.item_factors[:, :2])
 
     @pytest.mark.parametrize(
-        "params", [{"factors": 0}, {"iterations": 0}, {"cg_steps": 0}, {"alpha": 0.0}, {"regularization": -1.0}]
+        "params",
+        [{"factors": 0}, {"iterations": 0}, {"cg_steps": 0}, {"alpha": 0.0}, {"regularization": -1.0},
+         {"num_threads": -1}],
     )
     def test_bad_hyperparameters(self, params):
         with pytest.raises(ValueError, match=next(iter(params))):

@@ -1,11 +1,11 @@
 """Implicit-feedback ALS (Hu, Koren and Volinsky 2008) with conjugate-gradient half-steps.
 
 Confidence C = 1 + alpha * R, preference P = (R > 0). Each half-step fixes one side and
-updates the other with a few CG steps warm-started from the previous factors, as implicit's
-CG solver does, but vectorised over every row of a block with numpy/scipy instead of a loop
-per user. `solve_block` is a pure function of one block so that a Ray job can run blocks in
-parallel tasks with the fixed factors shared through the object store; `ImplicitALS.fit` runs
-the same function serially over row blocks.
+updates the other with a few CG steps warm-started from the previous factors, exactly as
+implicit's `least_squares_cg` does, in a numba kernel that runs rows in parallel threads.
+`half_step` is a pure function of a CSR block of rows, so a Ray job runs it on each worker's
+shard with the fixed factors shared through the object store (`training.als_ray`), and
+`ImplicitALS.fit` runs it on all rows in-process.
 
     model = ImplicitALS.from_settings(settings.cf).fit(user_items)
     ids, scores = model.recommend(user, user_items, k=10)
@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 
+import numba
 import numpy as np
 import scipy.sparse as sp
 
@@ -27,79 +28,96 @@ log = logging.getLogger(__name__)
 
 _CONVERGED = 1e-20
 """Squared residual below which a row stops moving; implicit uses the same threshold."""
+_ROWS_PER_CHUNK = 64
+"""Rows a kernel thread takes at a time: small enough to balance skewed rows across threads,
+large enough that handing out chunks costs nothing next to solving them."""
 
 
 def _rowdot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.einsum("ij,ij->i", a, b)
 
 
-def solve_block(
-    R_block: sp.csr_matrix,
-    X_block: np.ndarray,
-    Y: np.ndarray,
-    YtY: np.ndarray,
-    regularization: float,
-    alpha: float,
-    cg_steps: int,
-) -> np.ndarray:
-    """One ALS half-step for a block of rows: the new `X_block`, inputs left untouched.
+@numba.njit(parallel=True, fastmath=True, cache=True, nogil=True)
+def _cg_rows(indptr, indices, data, X, Y, gram, alpha, cg_steps, out):  # pragma: no cover (compiled)
+    """Hu-Koren-Volinsky CG for every row of a CSR block, one row per thread at a time.
 
-    Solves (YᵀC_uY + λI) x_u = YᵀC_u P_u for every row u at once with `cg_steps` CG steps from
-    x_u = X_block[u]. YᵀC_uY is never formed: A·x = (YᵀY + λI)x + Yᵀ(C_u − I)Y x, where the
-    second term only touches the row's non-zeros (a gather of Y, row-wise dots, then a CSR @ Y
-    scatter). Inputs are not mutated because in a Ray task they are read-only object-store views.
-
-    `YtY` is Yᵀ Y of the full fixed side, computed once per half-step by the caller rather
-    than once per block.
+    Row u solves (YᵀC_uY + λI) x = YᵀC_u p_u from x = X[u]; `gram` is YᵀY + λI, so A·v is
+    gram·v plus Σ_i (c_ui − 1)(y_i·v) y_i over the row's non-zeros only (implicit's
+    `least_squares_cg`). C − 1 = alpha·value; the preference is value > 0, so an explicit zero
+    adds nothing. Writes `out[u]`; reads nothing it writes, so rows are independent.
     """
-    R_block = sp.csr_matrix(R_block, dtype=np.float32)
-    n_rows, n_factors = X_block.shape
-    if R_block.shape[0] != n_rows:
-        raise ValueError(f"R_block has {R_block.shape[0]} rows but X_block has {n_rows}")
-    if R_block.shape[1] != Y.shape[0]:
-        raise ValueError(f"R_block has {R_block.shape[1]} columns but Y has {Y.shape[0]} rows")
-    if Y.shape[1] != n_factors or YtY.shape != (n_factors, n_factors):
-        raise ValueError(f"factor dimensions disagree: X {X_block.shape}, Y {Y.shape}, YtY {YtY.shape}")
-    dtype = np.float32
-    Y = np.asarray(Y, dtype=dtype)
-    x = np.array(X_block, dtype=dtype, copy=True)
-    if n_rows == 0:
-        return x
-    gram = np.asarray(YtY, dtype=dtype) + dtype(regularization) * np.eye(n_factors, dtype=dtype)
+    n_rows, k = X.shape
+    for u in numba.prange(n_rows):
+        x = X[u].copy()
+        r = np.empty(k, dtype=np.float32)
+        Ap = np.empty(k, dtype=np.float32)
+        start, stop = indptr[u], indptr[u + 1]
+        # r = b − A·x
+        r[:] = 0
+        for a in range(k):
+            xa = x[a]
+            for b in range(k):
+                r[b] -= gram[a, b] * xa
+        for j in range(start, stop):
+            y = Y[indices[j]]
+            confidence = alpha * data[j]
+            dot = np.float32(0)
+            for a in range(k):
+                dot += y[a] * x[a]
+            weight = -confidence * dot
+            if data[j] > 0:
+                weight += 1 + confidence
+            for a in range(k):
+                r[a] += weight * y[a]
+        p = r.copy()
+        rs_old = np.float32(0)
+        for a in range(k):
+            rs_old += r[a] * r[a]
+        for _ in range(cg_steps):
+            if rs_old <= _CONVERGED:
+                break
+            # Ap = A·p without forming YᵀC_uY
+            Ap[:] = 0
+            for a in range(k):
+                pa = p[a]
+                for b in range(k):
+                    Ap[b] += gram[a, b] * pa
+            for j in range(start, stop):
+                y = Y[indices[j]]
+                dot = np.float32(0)
+                for a in range(k):
+                    dot += y[a] * p[a]
+                weight = alpha * data[j] * dot
+                for a in range(k):
+                    Ap[a] += weight * y[a]
+            pAp = np.float32(0)
+            for a in range(k):
+                pAp += p[a] * Ap[a]
+            if pAp <= 0:  # only with regularization 0 and a degenerate row: nothing to gain
+                break
+            step = rs_old / pAp
+            rs_new = np.float32(0)
+            for a in range(k):
+                x[a] += step * p[a]
+                r[a] -= step * Ap[a]
+                rs_new += r[a] * r[a]
+            beta = rs_new / rs_old
+            for a in range(k):
+                p[a] = r[a] + beta * p[a]
+            rs_old = rs_new
+        out[u] = x
 
-    values = R_block.data
-    extra_confidence = dtype(alpha) * values  # C - 1 on the non-zeros; 0 elsewhere
-    rows = np.repeat(np.arange(n_rows), np.diff(R_block.indptr))
-    Y_nz = Y[R_block.indices]  # gathered once, reused by every CG step
 
-    def scatter(weights: np.ndarray) -> np.ndarray:
-        return sp.csr_matrix((weights, R_block.indices, R_block.indptr), shape=R_block.shape) @ Y
-
-    def apply_A(v: np.ndarray) -> np.ndarray:
-        return v @ gram + scatter(extra_confidence * _rowdot(Y_nz, v[rows]))
-
-    b = scatter(np.where(values > 0, 1 + extra_confidence, 0).astype(dtype))
-    r = b - apply_A(x)
-    p = r.copy()
-    rs_old = _rowdot(r, r)
-    for _ in range(cg_steps):
-        active = rs_old > _CONVERGED
-        if not active.any():
-            break
-        Ap = apply_A(p)
-        pAp = _rowdot(p, Ap)
-        step = np.divide(rs_old, pAp, out=np.zeros_like(rs_old), where=active & (pAp > 0))
-        x += step[:, None] * p
-        r -= step[:, None] * Ap
-        rs_new = _rowdot(r, r)
-        beta = np.divide(rs_new, rs_old, out=np.zeros_like(rs_new), where=active)
-        p = r + beta[:, None] * p
-        rs_old = np.where(active, rs_new, 0)
-    return x
+def kernel_threads(num_threads: int) -> int:
+    """Threads the CG kernel will use: `num_threads`, or every core numba sees when it is 0."""
+    if num_threads < 0:
+        raise ValueError(f"num_threads must be >= 0, got {num_threads}")
+    available = numba.config.NUMBA_NUM_THREADS
+    return available if num_threads == 0 else min(num_threads, available)
 
 
 def row_blocks(n_rows: int, block_size: int) -> list[tuple[int, int]]:
-    """[start, stop) ranges covering n_rows: the unit of work of one (Ray) task."""
+    """[start, stop) ranges covering n_rows: the rows of one kernel call."""
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     return [(start, min(start + block_size, n_rows)) for start in range(0, n_rows, block_size)]
@@ -112,19 +130,61 @@ def half_step(
     regularization: float,
     alpha: float,
     cg_steps: int,
-    block_size: int,
+    block_size: int = 4096,
     YtY: np.ndarray | None = None,
+    num_threads: int = 0,
 ) -> np.ndarray:
-    """Serial half-step: `solve_block` over row blocks.
+    """One ALS half-step: the new X for every row of R, inputs left untouched.
 
-    `training.als_ray` runs this on each worker's shard of rows, passing the `YtY` it computed
-    once for the whole fixed side.
+    Solves (YᵀC_uY + λI) x_u = YᵀC_u P_u for every row u with `cg_steps` CG steps from
+    x_u = X[u], in a compiled kernel that runs rows in parallel on `num_threads` threads
+    (0: all cores), `block_size` rows per call. Each row is solved start to finish by one
+    thread, so the result does not depend on the thread count, the blocks or how a Ray job
+    shards the rows. Inputs are not mutated because in a Ray actor they are read-only
+    object-store views.
+
+    `YtY` is Yᵀ Y of the full fixed side: `training.als_ray` computes it once per half-step
+    for all its workers. The first call in a process compiles the kernel (or loads it from
+    numba's on-disk cache); `warm_up` does that ahead of timed work.
     """
+    R = sp.csr_matrix(R, dtype=np.float32)
+    n_rows, n_factors = X.shape
+    if R.shape[0] != n_rows:
+        raise ValueError(f"R has {R.shape[0]} rows but X has {n_rows}")
+    if R.shape[1] != Y.shape[0]:
+        raise ValueError(f"R has {R.shape[1]} columns but Y has {Y.shape[0]} rows")
     YtY = Y.T @ Y if YtY is None else YtY
+    if Y.shape[1] != n_factors or YtY.shape != (n_factors, n_factors):
+        raise ValueError(f"factor dimensions disagree: X {X.shape}, Y {Y.shape}, YtY {YtY.shape}")
+    dtype = np.float32
+    X = np.ascontiguousarray(X, dtype=dtype)
+    Y = np.ascontiguousarray(Y, dtype=dtype)
+    gram = np.asarray(YtY, dtype=dtype) + dtype(regularization) * np.eye(n_factors, dtype=dtype)
     out = np.empty_like(X)
-    for start, stop in row_blocks(R.shape[0], block_size):
-        out[start:stop] = solve_block(R[start:stop], X[start:stop], Y, YtY, regularization, alpha, cg_steps)
+    previous_threads = numba.get_num_threads()  # a per-thread setting: leave it as found
+    numba.set_num_threads(kernel_threads(num_threads))
+    try:
+        # Rows differ widely in cost (a hit track has thousands of listeners), so threads take
+        # small chunks of rows as they free up rather than one fixed half each.
+        with numba.parallel_chunksize(_ROWS_PER_CHUNK):
+            for start, stop in row_blocks(n_rows, block_size):
+                # A block is a window of indptr over the whole indices/data: no copy of the rows.
+                _cg_rows(R.indptr[start:stop + 1], R.indices, R.data, X[start:stop], Y, gram,
+                         dtype(alpha), int(cg_steps), out[start:stop])
+    finally:
+        numba.set_num_threads(previous_threads)
     return out
+
+
+def warm_up() -> None:
+    """Compile the CG kernel (or load it from numba's cache) on a tiny problem.
+
+    A process calls this before timed work so the one-off compile is not counted as training
+    time, just as a Cython library compiles at install, not at fit.
+    """
+    R = sp.csr_matrix(np.eye(2, dtype=np.float32))
+    X = np.zeros((2, 2), dtype=np.float32)
+    half_step(R, X, X, 1.0, 1.0, 1, num_threads=1)
 
 
 def training_loss(R: sp.csr_matrix, X: np.ndarray, Y: np.ndarray, regularization: float, alpha: float) -> float:
@@ -147,7 +207,10 @@ def training_loss(R: sp.csr_matrix, X: np.ndarray, Y: np.ndarray, regularization
 
 
 class ImplicitALS(Recommender):
-    """Matrix factorisation for implicit feedback; scores are dot products of factors."""
+    """Matrix factorisation for implicit feedback; scores are dot products of factors.
+
+    `num_threads` is the kernel's thread count during `fit` (0: every core, like implicit's).
+    """
 
     def __init__(
         self,
@@ -158,6 +221,7 @@ class ImplicitALS(Recommender):
         cg_steps: int = 3,
         seed: int = 0,
         block_size: int = 4096,
+        num_threads: int = 0,
     ) -> None:
         counts = {"factors": factors, "iterations": iterations, "cg_steps": cg_steps, "block_size": block_size}
         for name, value in counts.items():
@@ -174,6 +238,8 @@ class ImplicitALS(Recommender):
         self.cg_steps = int(cg_steps)
         self.seed = int(seed)
         self.block_size = int(block_size)
+        kernel_threads(int(num_threads))  # validates
+        self.num_threads = int(num_threads)
         self.user_factors: np.ndarray | None = None
         self.item_factors: np.ndarray | None = None
         self._YtY: np.ndarray | None = None
@@ -210,8 +276,8 @@ class ImplicitALS(Recommender):
         X, Y = self.init_factors(*user_items.shape)
         for iteration in range(self.iterations):
             started = time.perf_counter()
-            X = half_step(user_items, X, Y, self.regularization, self.alpha, self.cg_steps, self.block_size)
-            Y = half_step(item_users, Y, X, self.regularization, self.alpha, self.cg_steps, self.block_size)
+            X = self._half_step(user_items, X, Y)
+            Y = self._half_step(item_users, Y, X)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug(
                     "ALS iteration %d/%d in %.3fs, loss %.5f",
@@ -221,6 +287,10 @@ class ImplicitALS(Recommender):
                     training_loss(user_items, X, Y, self.regularization, self.alpha),
                 )
         self._set_factors(X, Y)
+
+    def _half_step(self, R: sp.csr_matrix, X: np.ndarray, Y: np.ndarray) -> np.ndarray:
+        return half_step(R, X, Y, self.regularization, self.alpha, self.cg_steps, self.block_size,
+                         num_threads=self.num_threads)
 
     @classmethod
     def from_factors(cls, user_factors: np.ndarray, item_factors: np.ndarray, **params) -> "ImplicitALS":

@@ -7,8 +7,10 @@ copy (zero-copy on the driver's node, fetched once per node elsewhere) and retur
 rows, which the driver stacks. Each actor keeps its rows of the interaction matrix and of both
 factor matrices between iterations, so only factors cross the network, never interactions.
 
-Rows are solved independently of how they are sharded, so `RayALS` gives the same factors as
-`ImplicitALS` with the same seed (to float32 round-off).
+Rows are solved independently of how they are sharded (each by one thread of the same compiled
+kernel), so `RayALS` gives the same factors as `ImplicitALS` with the same seed. An actor runs
+the kernel on as many threads as whole CPUs it reserves (at least one), so the Ray resources
+it asks for are the cores it uses.
 
     model = RayALS(factors=64, num_workers=4, cpus_per_worker=1).fit(user_items)  # inside ray.init()
 """
@@ -22,7 +24,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from app.config import CFSettings
-from training.als import ImplicitALS, half_step
+from training.als import ImplicitALS, half_step, warm_up
 
 log = logging.getLogger(__name__)
 
@@ -58,16 +60,20 @@ class ALSShard:
         alpha: float,
         cg_steps: int,
         block_size: int,
+        num_threads: int = 1,
     ) -> None:
         self.rows = {"users": sp.csr_matrix(user_rows), "items": sp.csr_matrix(item_rows)}
         self.factors = {"users": np.array(user_factors), "items": np.array(item_factors)}
         self.params = (regularization, alpha, cg_steps, block_size)
+        self.num_threads = num_threads
+        warm_up()  # compile (or load) the kernel now: start-up cost, not the first iteration's
 
     def solve(self, side: str, fixed: np.ndarray, gram: np.ndarray) -> np.ndarray:
         """New factors of this shard's `side` rows ("users" or "items") against `fixed`."""
         regularization, alpha, cg_steps, block_size = self.params
         self.factors[side] = half_step(
-            self.rows[side], self.factors[side], fixed, regularization, alpha, cg_steps, block_size, YtY=gram
+            self.rows[side], self.factors[side], fixed, regularization, alpha, cg_steps, block_size, YtY=gram,
+            num_threads=self.num_threads,
         )
         return self.factors[side]
 
@@ -77,7 +83,8 @@ class RayALS(ImplicitALS):
 
     Needs a connected Ray (`ray.init()` or a job on a cluster). `cpus_per_worker` is what each
     actor reserves: 1 on a dedicated cluster; a fraction on a small machine shared with other
-    jobs so the fit does not wait for whole free cores.
+    jobs so the fit does not wait for whole free cores. An actor's kernel threads are its whole
+    reserved CPUs (at least one); `num_threads` only applies to an in-process `ImplicitALS`.
     """
 
     def __init__(self, *, num_workers: int = 2, cpus_per_worker: float = 1.0, **params) -> None:
@@ -112,7 +119,8 @@ class RayALS(ImplicitALS):
         n_shards = max(len(user_cuts), len(item_cuts))
         user_cuts += [(X.shape[0], X.shape[0])] * (n_shards - len(user_cuts))
         item_cuts += [(Y.shape[0], Y.shape[0])] * (n_shards - len(item_cuts))
-        params = (self.regularization, self.alpha, self.cg_steps, self.block_size)
+        threads = max(1, int(self.cpus_per_worker))
+        params = (self.regularization, self.alpha, self.cg_steps, self.block_size, threads)
         Shard = ray.remote(ALSShard).options(num_cpus=self.cpus_per_worker)
         shards = [
             Shard.remote(user_items[ua:ub], item_users[ia:ib], X[ua:ub], Y[ia:ib], *params)

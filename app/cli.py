@@ -3,6 +3,7 @@
     echotune config check [--config ray_config.yaml]   # validate the settings, name bad keys
     echotune world generate                            # write the simulated world to state_dir
     echotune redis start | stop                        # the embedded redis-server, by hand
+    echotune redis migrate-keys                        # rename keys of an older EchoTune (app/keys.py)
     echotune keys create --scope ingest [--scope read] [--name NAME]   # prints the key once
     echotune keys revoke KEY_ID
     echotune keys list                                 # ids, scopes, names; never the keys
@@ -27,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="group", required=True)
     sub.add_parser("config").add_argument("action", choices=["check"])
     sub.add_parser("world").add_argument("action", choices=["generate"])
-    sub.add_parser("redis").add_argument("action", choices=["start", "stop"])
+    sub.add_parser("redis").add_argument("action", choices=["start", "stop", "migrate-keys"])
     features = sub.add_parser("features", help="feature registry (feature_repo/*.yaml)")
     features.add_argument("action", choices=["validate", "list", "describe"])
     features.add_argument("name", nargs="?", help="describe: the view name")
@@ -79,6 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         server = EmbeddedRedis(settings.paths.redis_dir, appendonly=settings.redis.appendonly, appendfsync=settings.redis.appendfsync).start()
         server.register()
         print(server.url)
+    elif args.group == "redis" and args.action == "migrate-keys":
+        from app.keys import Keys
+        from app.redis_server import connect, migrate_legacy_keys
+
+        print(f"migrated {migrate_legacy_keys(connect(settings), Keys(settings.redis.key_prefix))} keys")
     else:
         from app.redis_server import stop_registered
 

@@ -17,6 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from app.keys import INGEST_TAG, hash_tag
+
 APP_NAME = "echotune"
 
 
@@ -29,7 +31,10 @@ class Strict(BaseModel):
 class RedisSettings(Strict):
     url: str | None = None
     """`redis://host:port/db` of an existing server. None: use the embedded server that
-    `make demo` (or the test fixture) starts and registers under `paths.state_dir`."""
+    `make demo` (or the test fixture) starts and registers under `paths.state_dir`.
+    `redis+cluster://host:port[,host:port...]` (`rediss+cluster://` with TLS) is a Redis
+    Cluster reached through redis-py's cluster client from those seed nodes; it requires
+    `stream_key` and `dead_letter_key` to carry the `{events}` hash tag (app/keys.py)."""
     stream_key: str = "echotune:events"
     """Redis Stream the gateway appends accepted events to."""
     dead_letter_key: str = "echotune:events:dlq"
@@ -43,6 +48,19 @@ class RedisSettings(Strict):
     event is lost even on a power cut; "everysec" may lose up to a second of them, for speed."""
     socket_timeout_s: float = Field(2.0, gt=0)
     """Client socket timeout; a hung Redis must not hang a request forever."""
+
+    @model_validator(mode="after")
+    def _ingest_keys_share_a_slot(self) -> "RedisSettings":
+        # The ingest scripts touch the stream, the dead-letter stream and `{events}`-tagged keys
+        # in one call; on a cluster all of them must hash to one slot.
+        if self.url and self.url.partition("://")[0].endswith("+cluster"):
+            wrong = [f for f in ("stream_key", "dead_letter_key") if hash_tag(getattr(self, f)) != INGEST_TAG]
+            if wrong:
+                raise ValueError(
+                    f"{' and '.join(wrong)} must carry the hash tag {{{INGEST_TAG}}} with a Redis Cluster url, e.g. "
+                    f'stream_key "echotune:{{{INGEST_TAG}}}" and dead_letter_key "echotune:{{{INGEST_TAG}}}:dlq"'
+                )
+        return self
 
 
 class PathSettings(Strict):
@@ -215,7 +233,7 @@ class CFSettings(Strict):
     """CPUs each ALS actor reserves: 1 on a dedicated cluster; a fraction on a small machine
     where CF shares cores with the content and trending jobs."""
     block_size: int = Field(4096, ge=1)
-    """Rows solved per vectorised block inside a worker: bounds memory, not the result."""
+    """Rows per call of the compiled ALS CG kernel inside a worker; does not change the result."""
     eval_fraction: float = Field(0.2, ge=0, lt=1)
     """Share of interactions held out (protocol a) to measure the model before publishing;
     its metrics go into the manifest. 0 skips the evaluation fit."""
@@ -335,6 +353,12 @@ class ServingSettings(Strict):
     """Largest k a client may ask for."""
     reload_interval_s: float = Field(10.0, gt=0)
     """How often a replica checks for newly published model versions."""
+    request_batch_size: int = Field(16, ge=1)
+    """Most recommendation requests the ingress sends down the DAG as one batch: each stage
+    then costs one Serve call per batch instead of one per request."""
+    request_batch_wait_ms: float = Field(0.0, ge=0)
+    """How long the ingress holds a batch open for more requests. 0: take whatever is
+    already queued; under load the queue fills while the previous batch is in flight."""
 
     @model_validator(mode="after")
     def _known_sources(self) -> "ServingSettings":

@@ -219,6 +219,11 @@ def demo(config: str) -> None:
         redis_proc = EmbeddedRedis(settings.paths.redis_dir, appendonly=settings.redis.appendonly, appendfsync=settings.redis.appendfsync).start()
         redis_proc.register()
         log.info("redis-server at %s (data in %s)", redis_proc.url, settings.paths.redis_dir)
+        # Its data may come from an older EchoTune: move those keys to today's names.
+        from app.keys import Keys
+        from app.redis_server import connect, migrate_legacy_keys
+
+        migrate_legacy_keys(connect(settings), Keys(settings.redis.key_prefix))
     try:
         start_ray(settings)
         world = ensure_world(settings)

@@ -149,8 +149,10 @@ def export_events(settings: Settings, chunk: int = 20_000, trim: bool = True) ->
             client.hset(keys.export_inflight(), mapping={"first": first, "last": last})
         rows, n_files, n_dead = _write_chunk(entries, settings.paths.events_dir, dlq)
         exported, files, dead = exported + rows, files + n_files, dead + n_dead
-        pipe = client.pipeline(transaction=True)
-        pipe.set(keys.export_cursor(), last).delete(keys.export_inflight()).execute()
+        pipe = client.pipeline(transaction=True)  # both keys share the {export} slot
+        pipe.set(keys.export_cursor(), last)
+        pipe.delete(keys.export_inflight())  # not chained: the cluster pipeline's delete returns None
+        pipe.execute()
         if trim:
             trimmed += trim_exported(client, stream.key, last)
         log.info("exported %d events (cursor %s)", exported, last)

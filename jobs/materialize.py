@@ -23,7 +23,7 @@ from app.features.offline import OfflineSnapshots
 from app.features.registry import FeatureView, Registry, RegistryError, check_compatible, load_registry
 from app.features.store import Published, RedisOnlineStore
 from app.keys import Keys
-from app.redis_server import connect, resolve_redis_url
+from app.redis_server import client_from_url, connect, resolve_redis_url
 from jobs.common import event_files, timed
 
 log = logging.getLogger(__name__)
@@ -33,9 +33,7 @@ class OnlineWriter:
     """Ray Data callable class: one Redis connection per writer task, pipelined writes."""
 
     def __init__(self, redis_url: str, key_prefix: str, namespace: str, view_json: str, batch: int):
-        import redis
-
-        self.store = RedisOnlineStore(redis.Redis.from_url(redis_url), Keys(key_prefix), write_batch=batch)
+        self.store = RedisOnlineStore(client_from_url(redis_url), Keys(key_prefix), write_batch=batch)
         self.namespace = namespace
         self.view = FeatureView.model_validate_json(view_json)
 

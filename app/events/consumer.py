@@ -48,7 +48,8 @@ TRANSIENT = (redis.ConnectionError, redis.TimeoutError, TransientError)
 # in the group (or, replaying, still in the dead-letter stream), and acknowledged (or deleted)
 # right after: one caller applies it, once. Key types are checked before any write of an entry,
 # so a bad entry leaves nothing half-applied (Lua does not roll back), stays pending and is
-# reported back: {applied, id, reason, id, reason, ...}.
+# reported back: {applied, id, reason, id, reason, ...}. The keys built from the prefixes share
+# the streams' `{events}` hash tag (app/keys.py): one slot on a Redis Cluster.
 _APPLY = """
 local mode, group, rprefix, tprefix, keep = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
 local out = {0}

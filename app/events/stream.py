@@ -23,7 +23,8 @@ from app.keys import Keys
 # event's JSON without its closing brace (the script appends the session id and the brace).
 # Returns per event a (status, stream id) pair: 1 accepted, 0 duplicate, -1 id reused for a
 # different event. Dedup, sessionisation and XADD are one atomic step: a retried event never
-# moves a session, and two replicas never both accept the same id.
+# moves a session, and two replicas never both accept the same id. The keys built from the
+# prefixes share the stream's `{events}` hash tag (app/keys.py): one slot on a Redis Cluster.
 _APPEND = """
 local out = {}
 local dprefix, dttl, sprefix, gap, sttl = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])

@@ -86,7 +86,8 @@ class ExperimentRegistry:
     def _update(self, name: str, change: Callable[[Experiment, list[Experiment]], Experiment]) -> Experiment:
         """Read-modify-write of one definition under WATCH; `change` sees every definition."""
         key = self.keys.experiments()
-        with self.client.pipeline() as pipe:
+        # transaction=True explicitly: redis-py's cluster pipeline only WATCHes in one.
+        with self.client.pipeline(transaction=True) as pipe:
             while True:
                 try:
                     pipe.watch(key)

@@ -137,10 +137,13 @@ class SubscriptionStore:
         seq = int(self.client.incr(self.keys.push_sequence(user)))
         record = {"subscription": request.subscription.model_dump(), "created_at_ms": int(time.time() * 1000), "seq": seq}
         name = self.keys.push_subscriptions(user)
+        # Join the notifier's walk first: a crash before the MULTI leaves a listener with no
+        # device (the walk skips it), never a device the walk cannot reach. The MULTI's keys
+        # share the listener's hash tag, so it also runs on a Redis Cluster.
+        self.client.sadd(self.keys.push_users(), user)
         pipe = self.client.pipeline(transaction=True)
         pipe.hset(name, sub_id, json.dumps(record))
         pipe.hset(self.keys.push_profile(user), mapping={"timezone": request.timezone, "genres": json.dumps(request.genres)})
-        pipe.sadd(self.keys.push_users(), user)
         pipe.execute()
         subs = self.subscriptions(user)
         for old_id, _ in sorted(subs, key=lambda s: (s[1].get("seq", 0), s[1]["created_at_ms"]))[: max(0, len(subs) - self.max_per_user)]:

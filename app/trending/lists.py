@@ -64,7 +64,8 @@ class TrendingLists:
             if frame.empty:
                 continue
             zkey, hkey = f"{tmp}:list:{name}", f"{tmp}:detail:{name}"
-            pipe.delete(zkey, hkey)
+            pipe.delete(zkey)  # one key per DEL: a cluster pipeline sends each to its slot's node
+            pipe.delete(hkey)
             pipe.zadd(zkey, dict(zip(frame["track_id"], frame["rank_score"].astype(float))))
             pipe.hset(hkey, mapping={tid: json.dumps(_detail(row)) for tid, row in zip(frame["track_id"], frame.to_dict("records"))})
             pipe.expire(zkey, ttl_s)
@@ -78,8 +79,10 @@ class TrendingLists:
                     old = {n.decode() for n in swap.smembers(self._names)}
                     swap.multi()
                     for name, (zkey, hkey) in live.items():
-                        swap.rename(zkey, self._list(name))
-                        swap.rename(hkey, self._detail(name))
+                        # execute_command: redis-py's cluster pipeline blocks its rename() method
+                        # though RENAME within one slot is valid in a cluster MULTI.
+                        swap.execute_command("RENAME", zkey, self._list(name))
+                        swap.execute_command("RENAME", hkey, self._detail(name))
                     for name in old - set(live):
                         swap.delete(self._list(name), self._detail(name))
                     swap.delete(self._names)

@@ -150,6 +150,9 @@ class GatewaySettings(Strict):
     """Inactivity (event time) after which a user's next event starts a new session."""
     unavailable_retry_after_s: int = Field(1, ge=1)
     """`Retry-After` sent with the 503 answered when Redis cannot be reached."""
+    in_process: bool = True
+    """Run ingestion inside the ingress replica (one Serve hop per batch); false: call the
+    EventGateway deployment through its handle (scaled apart, one more hop)."""
 
 
 class ScopeLimit(Strict):
@@ -356,9 +359,10 @@ class ServingSettings(Strict):
     request_batch_size: int = Field(16, ge=1)
     """Most recommendation requests the ingress sends down the DAG as one batch: each stage
     then costs one Serve call per batch instead of one per request."""
-    request_batch_wait_ms: float = Field(0.0, ge=0)
-    """How long the ingress holds a batch open for more requests. 0: take whatever is
-    already queued; under load the queue fills while the previous batch is in flight."""
+    request_batches_in_flight: int = Field(2, ge=1)
+    """Batches travelling the DAG at once per ingress replica. Requests arriving while all are
+    busy wait and leave together in the next batch: at low load every request goes alone at
+    once, under load batches grow with the backlog."""
 
     @model_validator(mode="after")
     def _known_sources(self) -> "ServingSettings":

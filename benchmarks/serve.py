@@ -195,6 +195,9 @@ def main() -> None:
     parser.add_argument("--state", type=Path, default=Path(tempfile.gettempdir()) / "echotune-bench-serve")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Ray starts workers at nice 15 and the load generator runs at nice 0: on a shared machine
+    # the generator would then outcompete the system under test.
+    os.environ.setdefault("RAY_worker_niceness", "0")
 
     import ray
     import pandas as pd

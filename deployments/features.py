@@ -1,4 +1,4 @@
-"""FeatureFetcher: everything serving needs about a user in one Redis round trip: the
+"""FeatureFetcher: everything serving needs about a batch of users in one Redis round trip: the
 materialised profile, the plays the event consumer recorded since training (for the fold-in)
 and the listener's content preferences.
 
@@ -33,20 +33,24 @@ class FeatureFetcher:
         )
 
     @observe_latency("feature_fetch", "FeatureFetcher")
-    def fetch(self, user_id: str) -> UserFeatures:
-        """The user's own features. The trending and popular lists are the same for everyone,
-        so the Blender keeps them cached instead of every request carrying them along."""
-        live = [
-            LiveRead("list", self.keys.recent_plays(user_id), max(self.settings.serving.recent_plays, 1)),
-            LiveRead("hash", self.keys.user_prefs(user_id)),
+    def fetch(self, user_ids: list[str]) -> list[UserFeatures]:
+        """A batch of users' own features in one round trip. The trending and popular lists
+        are the same for everyone, so the Blender keeps them cached instead of every request
+        carrying them along."""
+        n_recent = max(self.settings.serving.recent_plays, 1)
+        live = []
+        for user_id in user_ids:
+            live.append(LiveRead("list", self.keys.recent_plays(user_id), n_recent))
+            live.append(LiveRead("hash", self.keys.user_prefs(user_id)))
+        read = self.reader.read([("user_profile", u) for u in user_ids], live=live)
+        cf_version = read.meta.get("artifacts", {}).get("cf")
+        return [
+            user_features_from_row(
+                user_id, row, [], [], read.namespace,
+                stale=read.stale, online_recent=recent, prefs=prefs_from_hash(prefs), cf_version=cf_version,
+            )
+            for user_id, row, recent, prefs in zip(user_ids, read.rows, read.live[0::2], read.live[1::2])
         ]
-        read = self.reader.read([("user_profile", user_id)], live=live)
-        (row,), (recent, prefs) = read.rows, read.live
-        return user_features_from_row(
-            user_id, row, [], [], read.namespace,
-            stale=read.stale, online_recent=recent, prefs=prefs_from_hash(prefs),
-            cf_version=read.meta.get("artifacts", {}).get("cf"),
-        )
 
     def check_health(self) -> None:
         self.client.ping()

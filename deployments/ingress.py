@@ -1,7 +1,9 @@
 """ApiIngress: the HTTP front door (FastAPI, OpenAPI docs at /docs).
 
-Recommendation requests are composed by chaining DeploymentResponses without awaiting in the
-middle: fetch -> blend -> rerank are scheduled at once and only the final answer is awaited.
+Concurrent recommendation requests are gathered into one batch that travels the DAG together:
+one call per stage per batch (deployments/pipeline.py). Batches form when a slot frees
+(app/batching.py), so at low load a batch is one request and adds no wait, and under load
+batches grow and the per-call cost is shared.
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ import uuid
 from typing import Any
 
 from fastapi import Body, Depends, FastAPI, Query
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from app.batching import NaturalBatcher
 from app.config import Settings
 from app.events.auth import api_key_dependency, build_guard
 from app.events.body_limit import BodySizeLimit
@@ -25,8 +28,9 @@ from app.redis_server import connect
 from app.schemas import IngestResponse, RecommendationResponse
 from app.trending.query import trending_query_errors
 from app.flags import disabled_detail, with_flags
+from deployments.gateway import ingest_events
 from deployments.metrics import RequestMetrics, record_refused
-from deployments.pipeline import RecommendationPipeline
+from deployments.pipeline import RecommendationPipeline, RecommendationRequest
 from deployments.web import WebServices, mount_web
 
 api = FastAPI(
@@ -77,6 +81,7 @@ class ApiIngress:
         self.web = WebServices(connect(s), s, self.guard)
         self.experiments = ExperimentRouter.from_settings(connect(s), s)
         self._exposure_tasks: set[asyncio.Task] = set()  # strong refs until each append is done
+        self.batcher = NaturalBatcher(self.pipeline.run, s.serving.request_batch_size, s.serving.request_batches_in_flight)
 
     @api.get("/healthz", tags=["ops"])
     async def healthz(self) -> dict:
@@ -92,7 +97,7 @@ class ApiIngress:
         if not self.settings.flags.feedback_events:
             record_refused("disabled")
             return JSONResponse(status_code=503, content=disabled_detail("feedback_events", "feedback events"))
-        result = await self.gateway.ingest.remote(body, hints["user_agent"], hints["accept_language"])
+        result = await ingest_events(self, body, hints["user_agent"], hints["accept_language"])
         if "errors" in result:
             return _unprocessable(result["errors"])
         if "unavailable" in result:
@@ -111,13 +116,15 @@ class ApiIngress:
         started = time.perf_counter()
         assignments, params = self.experiments.assign(user_id)
         params = with_flags(params, self.settings.serving, self.settings.flags.hybrid_reco)
-        response = self.experiments.label(await self.pipeline.run(user_id, k, request_id, params), assignments)
+        response = self.experiments.label(await self.batcher.submit(RecommendationRequest(user_id, k, request_id, params)), assignments)
         if assignments:  # exposures are appended off the request path
             latency_ms = round((time.perf_counter() - started) * 1000)
             task = asyncio.create_task(asyncio.to_thread(self.experiments.log_exposures, response, assignments, latency_ms))
             self._exposure_tasks.add(task)
             task.add_done_callback(self._exposure_tasks.discard)
-        return response
+        # Already a validated model: serialise it once here rather than have FastAPI validate
+        # it against `response_model` again (`response_model` still documents it).
+        return Response(response.model_dump_json(), media_type="application/json")
 
     @api.get("/v1/trending", tags=["recommendations"], responses={422: {"description": "`detail[].loc` names the bad parameter."}})
     async def trending(

@@ -15,6 +15,7 @@ adds the `ray_` prefix). The service-discovery file Ray writes at
 | ray_echotune_consumer_lag                    | gauge     | group (entries not yet delivered) |
 | ray_echotune_consumer_pending                | gauge     | group (delivered, not acknowledged) |
 | ray_echotune_feature_fetch_latency_ms        | histogram | deployment                 |
+| ray_echotune_recommendation_batch_size       | histogram | (requests per DAG batch)   |
 | ray_echotune_job_seconds                     | gauge     | job, outcome (last run)    |
 | ray_echotune_job_runs_total                  | counter   | job, outcome               |
 
@@ -57,6 +58,10 @@ def _metrics() -> dict:
             "echotune_feature_fetch_latency_ms", "Time to fetch a user's features (one Redis round trip, or the snapshot).",
             boundaries=LATENCY_MS_BOUNDARIES, tag_keys=("deployment",),
         ),
+        "batch_size": Histogram(
+            "echotune_recommendation_batch_size", "Recommendation requests travelling the DAG as one batch.",
+            boundaries=[1, 2, 4, 8, 16, 32, 64, 128],
+        ),
         "job_seconds": Gauge("echotune_job_seconds", "Duration of the last run of a pipeline stage.", tag_keys=("job", "outcome")),
         "job_runs": Counter("echotune_job_runs_total", "Pipeline stage runs per outcome.", tag_keys=("job", "outcome")),
     }
@@ -68,6 +73,10 @@ def metric(name: str):
 
 def record_fallback(deployment: str = "ApiIngress") -> None:
     metric("fallbacks").inc(1, {"deployment": deployment})
+
+
+def record_batch(size: int) -> None:
+    metric("batch_size").observe(size)
 
 
 def record_ingest(result: dict) -> None:

@@ -1,28 +1,42 @@
-"""The recommendation DAG as the ingress drives it.
+"""The recommendation DAG as the ingress drives it, one batch of requests at a time.
 
     fetch ─┬─▶ CF retrieval ──────┐
            ├─▶ content retrieval ─┼─▶ blend (+ trending, new releases, popular) ─▶ rerank
            └──────────────────────┘
 
+The ingress gathers concurrent HTTP requests into a batch (app/batching.py) and every hop
+below carries the whole batch: per-call overhead, not the arithmetic, limits a Serve chain,
+so one call per stage for B requests is what lets the chain serve more than a chain of
+per-request calls could (benchmarks/serve.py measures that against a bare chain).
+
 The fast path schedules every stage at once, passing DeploymentResponses along without
 awaiting in the middle (Serve resolves them; CF and content run in parallel as soon as the
 features are in). Only if that fails does the slow path walk the stages one by one, replacing
 each failed stage by its fallback: no features → the cold-start path; a retriever down →
-blend without it; blend down → the reranker's popular list; rerank down → the blend's order. The
-answer is then still a 200, marked `degraded`.
+blend without it; blend down → the reranker's popular list; rerank down → the blend's order.
+The answers are then still 200s, marked `degraded`.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 from ray.serve.handle import DeploymentHandle
 
 from app.recommend import Blended, UserFeatures
 from app.schemas import RecommendationResponse, RecommendedTrack
-from deployments.metrics import record_fallback
+from deployments.metrics import record_batch, record_fallback
 
 log = logging.getLogger("ray.serve")
+
+
+@dataclass(frozen=True)
+class RecommendationRequest:
+    user_id: str
+    k: int
+    request_id: str
+    params: dict | None = None
 
 
 class RecommendationPipeline:
@@ -37,16 +51,19 @@ class RecommendationPipeline:
         self.fetcher, self.cf, self.content, self.blender, self.reranker = fetcher, cf, content, blender, reranker
         self.fallbacks_taken = 0
 
-    async def run(self, user_id: str, k: int, request_id: str, params: dict | None) -> RecommendationResponse:
-        features = self.fetcher.fetch.remote(user_id)
+    async def run(self, requests: list[RecommendationRequest]) -> list[RecommendationResponse]:
+        record_batch(len(requests))
+        users = [r.user_id for r in requests]
+        params = [r.params for r in requests]
+        features = self.fetcher.fetch.remote(users)
         blended = self.blender.blend.remote(features, self.cf.retrieve.remote(features), self.content.retrieve.remote(features), params)
         try:
-            return await self.reranker.rerank.remote(blended, k, request_id, params)
+            return await self.reranker.rerank.remote(blended, [r.k for r in requests], [r.request_id for r in requests], params)
         except Exception as exc:  # noqa: BLE001 - any stage failure takes the degraded path below
-            log.warning("recommendation stage failed for %s, taking fallbacks: %s", user_id, exc)
+            log.warning("recommendation stage failed for %d requests, taking fallbacks: %s", len(requests), exc)
         self.fallbacks_taken += 1
         record_fallback()
-        return await self._degraded(user_id, k, request_id, params)
+        return await self._degraded(requests)
 
     async def _stage(self, name: str, call, default):
         try:
@@ -55,27 +72,34 @@ class RecommendationPipeline:
             log.warning("stage %s failed: %s", name, exc)
             return default
 
-    async def _degraded(self, user_id: str, k: int, request_id: str, params: dict | None) -> RecommendationResponse:
-        features = await self._stage("fetch", self.fetcher.fetch.remote(user_id), None)
+    async def _degraded(self, requests: list[RecommendationRequest]) -> list[RecommendationResponse]:
+        users = [r.user_id for r in requests]
+        ks, ids, params = [r.k for r in requests], [r.request_id for r in requests], [r.params for r in requests]
+        features = await self._stage("fetch", self.fetcher.fetch.remote(users), None)
         if features is None:
-            features = UserFeatures(user_id, known=False, stale=True)
+            features = [UserFeatures(u, known=False, stale=True) for u in users]
         cf = await self._stage("cf", self.cf.retrieve.remote(features), None)
         content = await self._stage("content", self.content.retrieve.remote(features), None)
-        blended: Blended | None = await self._stage("blend", self.blender.blend.remote(features, cf, content, params), None)
+        blended: list[Blended] | None = await self._stage("blend", self.blender.blend.remote(features, cf, content, params), None)
         if blended is None:
             # The blend is where trending and popular come in; without it, the reranker's own
             # popular list is the answer.
-            response = await self._stage("popular", self.reranker.popular.remote(user_id, k, request_id), None)
-            return response or RecommendationResponse(
-                user_id=user_id, request_id=request_id, cold_start=True, items=[], model_versions={}, degraded=True
-            )
-        blended.degraded = True
-        response = await self._stage("rerank", self.reranker.rerank.remote(blended, k, request_id, params), None)
-        if response is None:
-            response = RecommendationResponse(
-                user_id=user_id, request_id=request_id, cold_start=blended.cold_start,
-                items=[RecommendedTrack(track_id=t, score=float(s), sources=r)
-                       for t, s, r in zip(blended.track_ids[:k], blended.scores[:k], blended.reasons[:k])],
-                model_versions=blended.versions, degraded=True, segment=blended.segment,
-            )
-        return response
+            responses = await self._stage("popular", self.reranker.popular.remote(users, ks, ids), None)
+            return responses or [
+                RecommendationResponse(user_id=u, request_id=i, cold_start=True, items=[], model_versions={}, degraded=True)
+                for u, i in zip(users, ids)
+            ]
+        for b in blended:
+            b.degraded = True
+        responses = await self._stage("rerank", self.reranker.rerank.remote(blended, ks, ids, params), None)
+        return responses or [_unranked(b, k, i) for b, k, i in zip(blended, ks, ids)]
+
+
+def _unranked(blended: Blended, k: int, request_id: str) -> RecommendationResponse:
+    """The blend's own order, when the reranker is down."""
+    return RecommendationResponse(
+        user_id=blended.user_id, request_id=request_id, cold_start=blended.cold_start,
+        items=[RecommendedTrack(track_id=t, score=float(s), sources=r)
+               for t, s, r in zip(blended.track_ids[:k], blended.scores[:k], blended.reasons[:k])],
+        model_versions=blended.versions, degraded=True, segment=blended.segment,
+    )

@@ -1,7 +1,7 @@
 """Blender and Reranker: hybrid blend of every candidate source, then diversity re-ranking.
 
 Both hold the model bundle in memory (embeddings, artists, genres, release dates), reload it
-when a job publishes a new version, batch requests with `@serve.batch` and take their knobs
+when a job publishes a new version, take the ingress's batch of requests in one call and their knobs
 from `user_config` (see deployments/tuning.py). A request may carry per-request overrides (an
 experiment variant's parameters), validated the same way.
 """
@@ -33,15 +33,17 @@ class Blender(ModelServing):
         )
         self.lists = SharedLists(reader, ("trending", "popular"), settings.serving.candidates, settings.serving.reload_interval_s)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-    async def blend(
+    def blend(
         self,
         features: list[UserFeatures],
-        cf: list[Retrieved | None],
-        content: list[Retrieved | None],
+        cf: list[Retrieved] | None,
+        content: list[Retrieved] | None,
         params: list[dict | None],
     ) -> list[Blended]:
+        """`cf` or `content` is None when that retriever failed: blend without it."""
         bundle = self.models.get()
+        cf = cf if cf is not None else [None] * len(features)
+        content = content if content is not None else [None] * len(features)
         lists = self.lists.get()
         for f in features:
             f.trending, f.popular = lists["trending"], lists["popular"]
@@ -54,8 +56,7 @@ class Blender(ModelServing):
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
 class Reranker(ModelServing):
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-    async def rerank(
+    def rerank(
         self, blended: list[Blended], k: list[int], request_id: list[str], params: list[dict | None]
     ) -> list[RecommendationResponse]:
         bundle = self.models.get()
@@ -64,14 +65,17 @@ class Reranker(ModelServing):
             for b, n, rid, p in zip(blended, k, request_id, params)
         ]
 
-    def popular(self, user_id: str, k: int, request_id: str) -> RecommendationResponse:
+    def popular(self, user_ids: list[str], k: list[int], request_id: list[str]) -> list[RecommendationResponse]:
         """Last resort when the blend itself failed: the replica's own popular list."""
         bundle = self.models.get()
         items = bundle.popular if bundle else []
-        blended = Blended(
-            user_id, True, [t for t, _ in items], np.asarray([s for _, s in items]), [["popular"] for _ in items], {}, degraded=True
-        )
-        return self._response(blended, rerank_candidates(blended, bundle, k, self.serving), request_id)
+        responses = []
+        for user_id, n, rid in zip(user_ids, k, request_id):
+            blended = Blended(
+                user_id, True, [t for t, _ in items], np.asarray([s for _, s in items]), [["popular"] for _ in items], {}, degraded=True
+            )
+            responses.append(self._response(blended, rerank_candidates(blended, bundle, n, self.serving), rid))
+        return responses
 
     @staticmethod
     def _response(blended: Blended, items, request_id: str) -> RecommendationResponse:

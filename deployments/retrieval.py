@@ -1,7 +1,7 @@
 """Candidate retrieval deployments, fanned out in parallel by the ingress.
 
-Both batch requests with `@serve.batch`: per-call overhead, not the arithmetic, limits a Serve
-chain on small machines, and a batch of users is one matrix product instead of many.
+Each call carries the ingress's batch of requests (deployments/pipeline.py): a batch of users
+is one matrix product instead of many.
 """
 
 from __future__ import annotations
@@ -53,8 +53,7 @@ class CFRetriever(ModelServing):
                 self._fold_model = ImplicitALS.from_factors(dummy_users, bundle.item_factors, **bundle.cf_params)
         return self._fold_model
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-    async def retrieve(self, batch: list[UserFeatures]) -> list[Retrieved]:
+    def retrieve(self, batch: list[UserFeatures]) -> list[Retrieved]:
         bundle = self.models.get()
         if bundle is None:
             return [Retrieved([], np.empty(0)) for _ in batch]
@@ -65,6 +64,5 @@ class CFRetriever(ModelServing):
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
 class ContentRetriever(ModelServing):
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
-    async def retrieve(self, batch: list[UserFeatures]) -> list[Retrieved]:
+    def retrieve(self, batch: list[UserFeatures]) -> list[Retrieved]:
         return retrieve_content(batch, self.models.get(), self.serving.candidates)

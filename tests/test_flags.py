@@ -76,8 +76,8 @@ def stand_in():
 
     @serve.deployment(ray_actor_options={"num_cpus": 0})
     class StandIn:
-        def fetch(self, user_id):
-            return user_id
+        def fetch(self, user_ids):
+            return user_ids
 
         def retrieve(self, features):
             return None
@@ -85,13 +85,15 @@ def stand_in():
         def blend(self, features, cf, content, params):
             return params
 
-        def rerank(self, params, k, request_id, _params):
+        def rerank(self, params, k, request_ids, _params):
             """Answers with the sources the ingress allowed, so the test sees the overrides."""
-            sources = sorted((params or {}).get("source_weights", {"cf": 1}))
-            return RecommendationResponse(
-                user_id="u1", request_id=request_id, cold_start=False, model_versions={},
-                items=[RecommendedTrack(track_id="t000", score=1.0, sources=sources)],
-            )
+            return [
+                RecommendationResponse(
+                    user_id="u1", request_id=request_id, cold_start=False, model_versions={},
+                    items=[RecommendedTrack(track_id="t000", score=1.0, sources=sorted((p or {}).get("source_weights", {"cf": 1})))],
+                )
+                for p, request_id in zip(params, request_ids)
+            ]
 
     return StandIn
 

@@ -22,6 +22,7 @@ from typing import Callable, Iterable, Literal
 
 import redis
 from fastapi import HTTPException, Request
+from starlette.concurrency import run_in_threadpool
 
 from app.config import AuthSettings, RateLimitSettings
 from app.events.rate_limit import TokenBucketLimiter
@@ -225,17 +226,21 @@ class api_key_dependency:  # noqa: N801 - used like a function: Depends(api_key_
     It runs for every API route, so a route added later is guarded without remembering to
     (the scope comes from `required_scope`). `guard_of` is called per request because a Serve
     replica builds its guard in `__init__`, after the app object is frozen. A class rather than
-    a closure so that Serve's pickling of the app keeps its `Request` annotation resolvable;
-    `__call__` is a plain `def`, so FastAPI runs its blocking Redis calls in the thread pool.
+    a closure so that Serve's pickling of the app keeps its `Request` annotation resolvable.
+    The blocking Redis calls run in the thread pool; a public route, or any route with auth
+    off, is answered on the event loop without that hand-off.
     """
 
     def __init__(self, guard_of: Callable[[], RequestGuard]):
         self.guard_of = guard_of
 
-    def __call__(self, request: Request) -> Principal | None:
+    async def __call__(self, request: Request) -> Principal | None:
         route = request.scope.get("route")
         path = getattr(route, "path", request.url.path)
-        return self.guard_of().check(token_from(request), request.method, path)
+        guard = self.guard_of()
+        if not guard.auth.enabled or required_scope(request.method, path) is None:
+            return None
+        return await run_in_threadpool(guard.check, token_from(request), request.method, path)
 
 
 def build_guard(client: redis.Redis, key_prefix: str, auth: AuthSettings, limits: RateLimitSettings, unavailable_retry_after_s: int = 1) -> RequestGuard:

@@ -14,7 +14,7 @@ users into one matrix product.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -67,10 +67,14 @@ class UserFeatures:
 
 @dataclass
 class Retrieved:
-    """One source's candidates for one user, by track id (ids survive a model reload)."""
+    """One source's candidates for one user, by track id (ids survive a model reload), and by
+    index into the catalog `catalog` (the content version) to skip the id lookups when the
+    blending replica holds the same catalog, as it does but for a reload in between."""
 
     track_ids: list[str]
     scores: np.ndarray
+    indices: np.ndarray | None = None
+    catalog: str | None = None
 
 
 @dataclass
@@ -83,6 +87,9 @@ class Blended:
     versions: dict[str, str]
     segment: str = "new"
     degraded: bool = False
+    indices: np.ndarray | None = None
+    """Positions in the catalog `catalog` (see Retrieved), when the blend had a model bundle."""
+    catalog: str | None = None
 
 
 def _exclude_idx(bundle: ModelBundle, features: UserFeatures) -> np.ndarray:
@@ -107,7 +114,7 @@ def retrieve_cf(
     scores = users @ bundle.item_factors.T
     for row, i in enumerate(rows):
         idx, s = top_k(scores[row], n, _exclude_idx(bundle, batch[i][0]))
-        out[i] = Retrieved(bundle.track_ids[idx].tolist(), s)
+        out[i] = Retrieved(bundle.track_ids[idx].tolist(), s, idx, bundle.versions.get("content"))
     return out
 
 
@@ -132,7 +139,7 @@ def retrieve_content(batch: list[UserFeatures], bundle: ModelBundle | None, n: i
     sims = np.stack(centroids) @ bundle.embeddings.T
     for row, i in enumerate(rows):
         idx, s = top_k(sims[row], n, _exclude_idx(bundle, batch[i]))
-        out[i] = Retrieved(bundle.track_ids[idx].tolist(), s)
+        out[i] = Retrieved(bundle.track_ids[idx].tolist(), s, idx, bundle.versions.get("content"))
     return out
 
 
@@ -143,6 +150,8 @@ def new_releases(bundle: ModelBundle, now_ms: int, days: float, n: int) -> Retri
 
 
 def _as_indices(bundle: ModelBundle, retrieved: Retrieved) -> tuple[np.ndarray, np.ndarray]:
+    if retrieved.indices is not None and retrieved.catalog == bundle.versions.get("content"):
+        return retrieved.indices, np.asarray(retrieved.scores, dtype=np.float64)
     pairs = [(bundle.index[t], s) for t, s in zip(retrieved.track_ids, np.asarray(retrieved.scores).tolist()) if t in bundle.index]
     if not pairs:
         return np.empty(0, dtype=np.int64), np.empty(0)
@@ -186,17 +195,15 @@ def blend_candidates(
         # The replica's own popular list stands in when the feature store had none to give.
         "popular": _ranked(features.popular or bundle.popular),
     }
-    items, scores, reasons = blend_scores(
+    items, scores, sources = blend_scores(
         {name: _as_indices(bundle, r) for name, r in sources.items()}, settings.weights_for(segment)
     )
+    boosted = np.zeros(len(items), dtype=bool)
     if len(items) and settings.recency_weight > 0:
         boost = recency_boost(bundle.release_ms[items], now_ms, settings.recency_half_life_days)
         scores = scores + settings.recency_weight * boost
-        for item, b in zip(items.tolist(), boost.tolist()):
-            if b >= RECENCY_REASON_MIN:
-                reasons[item] = reasons[item] + ["recency_boost"]
         order = np.argsort(-scores, kind="stable")
-        items, scores = items[order], scores[order]
+        items, scores, boosted = items[order], scores[order], (boost >= RECENCY_REASON_MIN)[order]
     keep = allowed(
         bundle.track_ids[items],
         bundle.artists[items],
@@ -206,16 +213,19 @@ def blend_candidates(
         blocked_artists=features.prefs.blocked_artists,
         allow_explicit=features.prefs.allow_explicit,
     )
-    items, scores = items[keep][: 2 * n], scores[keep][: 2 * n]
+    items, scores, boosted = items[keep][: 2 * n], scores[keep][: 2 * n], boosted[keep][: 2 * n]
+    reasons = [r + ["recency_boost"] if b else r for r, b in zip(sources.lists(items), boosted.tolist())]
     return Blended(
         user_id=features.user_id,
         cold_start=cold,
         track_ids=bundle.track_ids[items].tolist(),
         scores=scores,
-        reasons=[reasons[i] for i in items.tolist()],
+        reasons=reasons,
         versions={**bundle.versions, **versions},
         segment=segment,
         degraded=features.stale,
+        indices=items,
+        catalog=bundle.versions.get("content"),
     )
 
 
@@ -227,7 +237,14 @@ def rerank_candidates(blended: Blended, bundle: ModelBundle | None, k: int, sett
             RecommendedTrack(track_id=t, score=float(s), sources=r)
             for t, s, r in zip(blended.track_ids[:k], blended.scores[:k], blended.reasons[:k])
         ]
-    idx = bundle.indices(blended.track_ids)
+    if blended.indices is not None and blended.catalog == bundle.versions.get("content"):
+        idx = blended.indices
+    else:  # the blend saw another catalog (a reload in between): map by track id
+        known = [p for p, t in enumerate(blended.track_ids) if t in bundle.index]
+        blended = _subset(blended, known)
+        idx = bundle.indices(blended.track_ids)
+        if not len(idx):
+            return []
     genre_cap = max(1, int(np.floor(settings.genre_max_share * k)))
     order = mmr_rerank(
         blended.scores, bundle.embeddings[idx], k, settings.mmr_lambda,
@@ -248,6 +265,13 @@ def rerank_candidates(blended: Blended, bundle: ModelBundle | None, k: int, sett
             )
         )
     return out
+
+
+def _subset(blended: Blended, positions: list[int]) -> Blended:
+    return replace(
+        blended, track_ids=[blended.track_ids[p] for p in positions], scores=np.asarray(blended.scores)[positions],
+        reasons=[blended.reasons[p] for p in positions], indices=None,
+    )
 
 
 def _fill(blended: Blended, taken: list[int], need: int, chain: list[str]) -> list[int]:

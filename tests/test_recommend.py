@@ -162,6 +162,24 @@ def test_rerank_marks_diversity_demotions():
     assert "diversity_demoted" in items[2].sources
 
 
+def test_candidates_from_a_catalog_reloaded_in_between_are_matched_by_track_id():
+    """A retriever or blender may still hold the previous catalog when the next stage has
+    reloaded: positions then mean other tracks, so the next stage must go by track id and drop
+    tracks the new catalog no longer has."""
+    old, new = bundle(), bundle()
+    new.track_ids = np.array([f"t{i}" for i in (7, 6, 5, 4, 3, 2, 1, 8)], dtype=object)  # reordered, t0 gone
+    new.versions = {"cf": "v2", "content": "v2"}
+    new.__post_init__()
+    f = UserFeatures("u", True, cf_vector=np.ones(2))
+    (cf,) = retrieve_cf([(f, np.array([1.0, 0.0]))], old, 3)  # t0, t1, t2 by position in `old`
+    blended = blend_candidates(f, new, settings(source_weights={"cf": 1.0}), cf=cf, now_ms=NOW)
+    assert blended.track_ids == ["t1", "t2"]  # mapped by id; t0 is not in the new catalog
+    blended_old = blend_candidates(f, old, settings(source_weights={"cf": 1.0}), cf=cf, now_ms=NOW)
+    ranked = rerank_candidates(blended_old, new, 3, settings())
+    assert [i.track_id for i in ranked] == ["t1", "t2"]
+    assert [i.artist_id for i in ranked] == ["a2", "a1"]  # metadata from the catalog now held
+
+
 def test_preferences_parse_from_redis_hash():
     prefs = prefs_from_hash({"allow_explicit": "0", "blocked_tracks": "t1\x1ft2"})
     assert prefs == UserPrefs(False, {"t1", "t2"}, set())

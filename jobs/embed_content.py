@@ -103,7 +103,15 @@ def _dead_letter(settings: Settings, failed: pd.DataFrame) -> None:
 
 def embed_content(settings: Settings, tracks_path: Path | None = None) -> dict:
     from app.data.audio_catalog import normalise_catalog
-    from training.content import AUDIO_FEATURE_NAMES, ContentEmbedder, content_features, fill_missing_audio, genre_vocabulary
+    from training.content import (
+        AUDIO_FEATURE_DEFINITION,
+        AUDIO_FEATURE_NAMES,
+        AUDIO_FEATURE_VERSION,
+        ContentEmbedder,
+        content_features,
+        fill_missing_audio,
+        genre_vocabulary,
+    )
 
     cfg = settings.content
     started = time.perf_counter()
@@ -159,7 +167,12 @@ def embed_content(settings: Settings, tracks_path: Path | None = None) -> dict:
         "feature_names": names,
         "n_audio_features": len(AUDIO_FEATURE_NAMES),
         "genre_vocabulary": genres,
-        "analysis": {"sample_rate": cfg.sample_rate, "max_seconds": cfg.analysis_seconds},
+        "analysis": {
+            "sample_rate": cfg.sample_rate,
+            "max_seconds": cfg.analysis_seconds,
+            "feature_version": AUDIO_FEATURE_VERSION,
+            "features": AUDIO_FEATURE_DEFINITION,
+        },
         "embedder": {**embedder.params(), "seed": 0, "fit_rows": counts["fit_sample"]},
         "params": cfg.model_dump(mode="json"),
         # kept flat for callers of the earlier manifest

@@ -227,3 +227,27 @@ def test_embedder_on_real_features_of_synthetic_clips():
     within = (similarity[:6, :6].mean() + similarity[6:, 6:].mean()) / 2
     across = similarity[:6, 6:].mean()
     assert within > across
+
+
+def test_fast_spectral_features_keep_librosas_definitions():
+    """The artifact's feature names promise librosa's centroid, bandwidth, roll-off, ZCR, mel and
+    chroma_cqt; the cached/vectorised versions must compute the same numbers."""
+    import librosa
+
+    from training.content import HOP, N_FFT, _chroma, _spectral_bases, _spectral_shape, _zero_crossing_rate
+
+    rng = np.random.default_rng(3)
+    t = np.arange(SR * 4) / SR
+    y = (sum(np.sin(2 * np.pi * midi_hz(n) * t) for n in (45, 57, 60, 64)) * 0.1 + 0.01 * rng.standard_normal(len(t))).astype(np.float32)
+    y[SR : SR + 4000] = 0.0  # silent frames have centroid, bandwidth and roll-off 0 in both
+    S = np.abs(librosa.stft(y, n_fft=N_FFT, hop_length=HOP))
+    centroid, bandwidth, rolloff = _spectral_shape(S, SR)
+    np.testing.assert_allclose(centroid, librosa.feature.spectral_centroid(S=S, sr=SR)[0], rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(bandwidth, librosa.feature.spectral_bandwidth(S=S, sr=SR)[0], rtol=1e-4, atol=1e-2)
+    np.testing.assert_array_equal(rolloff, librosa.feature.spectral_rolloff(S=S, sr=SR)[0])
+    np.testing.assert_array_equal(_zero_crossing_rate(y), librosa.feature.zero_crossing_rate(y, frame_length=N_FFT, hop_length=HOP)[0])
+    np.testing.assert_allclose(
+        librosa.power_to_db(_spectral_bases(SR)[2] @ S**2), librosa.power_to_db(librosa.feature.melspectrogram(S=S**2, sr=SR)), atol=1e-3
+    )
+    reference = librosa.feature.chroma_cqt(y=y, sr=SR, hop_length=HOP, tuning=0.0, n_octaves=6).mean(axis=1)
+    np.testing.assert_allclose(_chroma(y, SR).mean(axis=1), reference, atol=0.03)

@@ -164,3 +164,16 @@ def test_new_track_gets_neighbours_of_its_genre_from_audio_alone(run, tmp_path, 
     genre_of = world.tracks.set_index("track_id")["genre"]
     same = sum(genre_of.get(t) == genre for t in neighbours)
     assert same >= 3, (neighbours, [genre_of.get(t) for t in neighbours])
+
+
+def test_cold_start_refuses_an_artifact_whose_features_are_defined_differently(run, monkeypatch):
+    """After a feature's definition changes, an old artifact's scaler/PCA would embed a new track
+    unlike its catalogue: cold start says to re-run the job instead of drifting silently."""
+    import training.cold_start
+
+    _, _, _, artifact = run
+    assert artifact.manifest["analysis"]["feature_version"] == training.cold_start.AUDIO_FEATURE_VERSION
+    assert artifact.manifest["analysis"]["features"]["chroma"]["bins_per_octave"] == 36
+    monkeypatch.setattr(training.cold_start, "AUDIO_FEATURE_VERSION", training.cold_start.AUDIO_FEATURE_VERSION + 1)
+    with pytest.raises(ValueError, match="re-run jobs.embed_content"):
+        ContentModel.from_artifact(artifact)

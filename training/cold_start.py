@@ -10,8 +10,8 @@ vector it would have got had it been in the catalogue when the job ran (with the
                                 "artist_id": "a1", "release_year": 2024, "duration_ms": None, "explicit": False})
     model.neighbours(result.embedding, k=10)   # [(track_id, cosine), ...]
 
-Decoding and analysis take about a second per 30 s of audio on one core, so an ingest path
-should call this off the request thread (or in a Ray task), once per new track.
+Decoding and analysis cost about a quarter of a CPU-second per 30 s of Opus, so an ingest
+path should call this off the request thread (or in a Ray task), once per new track.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import pandas as pd
 
 from app.artifacts import Artifact
 from app.data.audio_catalog import normalise_catalog
-from training.content import ContentEmbedder, analyse_tracks, content_features, fill_missing_audio
+from training.content import AUDIO_FEATURE_VERSION, ContentEmbedder, analyse_tracks, content_features, fill_missing_audio
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,12 @@ class ContentModel:
         missing = [k for k in ("genre_vocabulary", "analysis") if k not in manifest]
         if missing:
             raise ValueError(f"content artifact {artifact.version} predates cold start: manifest lacks {missing}")
+        version = manifest["analysis"].get("feature_version", 1)
+        if version != AUDIO_FEATURE_VERSION:
+            raise ValueError(
+                f"content artifact {artifact.version} has audio features of version {version}, this code computes "
+                f"version {AUDIO_FEATURE_VERSION}: re-run jobs.embed_content so new tracks are embedded like the catalogue"
+            )
         artists = pd.read_parquet(artifact.file("artists.parquet"))
         return cls(
             embedder=ContentEmbedder.load(artifact.file("embedder.npz")),

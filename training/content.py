@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import json
 import logging
-import warnings
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import librosa
 import numpy as np
 import pandas as pd
+import scipy.signal
+import scipy.sparse
 import soundfile as sf
 from sklearn.decomposition import PCA
 
@@ -33,10 +35,15 @@ N_FFT = 2048
 HOP = 512
 N_MFCC = 20
 N_CONTRAST_BANDS = 6  # librosa returns n_bands + 1 rows
-CHROMA_HOP = 2048
-"""Chroma is only averaged over the clip, so a coarse hop loses nothing: at 4x the STFT hop the
-constant-Q transform costs half as much and the key estimates of the labelled real clips do not
-change (correlations move in the third decimal)."""
+CHROMA_FMIN = 32.703  # C1, librosa's default
+CHROMA_OCTAVES = 6  # C1..B6: the partials that decide a key; librosa's default 7 adds C7..B7
+CHROMA_BINS_PER_OCTAVE = 36  # chroma_cqt's default: narrow filters keep neighbouring semitones apart
+CHROMA_MIN_RATE = 5000.0
+"""Chroma is computed on the clip decimated by an integer factor to at least this rate (22.05 kHz
+-> 5.5 kHz): the top bin (2.08 kHz) and its filter's bandwidth stay well below Nyquist. (4.41 kHz
+gives the same keys on the labelled clips but moves one clip's mood neighbour.)"""
+CHROMA_HOP = 1024  # samples at the decimated rate (0.19 s at 5.5 kHz): chroma is averaged over the clip
+ROLL_PERCENT = 0.85
 SILENCE_PEAK = 1e-4
 """Peak amplitude (-80 dBFS) below which a decoded clip is treated as silent: its features would
 be all stand-ins, so it is reported as failed rather than embedded as if it were music."""
@@ -64,6 +71,26 @@ AUDIO_FEATURE_NAMES: list[str] = (
     + ["key_fifths_sin", "key_fifths_cos", "key_is_major", "key_strength"]
 )
 """Order of the columns `audio_features` returns; saved with every embedder."""
+
+AUDIO_FEATURE_VERSION = 2
+"""Bumped whenever a feature's definition changes (2: chroma from a cached 6-octave constant-Q
+kernel instead of librosa's 7-octave chroma_cqt). The content manifest records it, and cold
+start refuses an artifact of another version: its scaler and PCA were fitted on features
+defined differently, so a new track would not get the vector the batch job would give it."""
+AUDIO_FEATURE_DEFINITION = {
+    "stft": {"n_fft": N_FFT, "hop_length": HOP, "window": "hann"},
+    "mfcc": {"n_mfcc": N_MFCC, "n_mels": 128},
+    "chroma": {
+        "transform": "constant-Q (librosa.filters.wavelet kernel, Hann, 1% sparsity), magnitude, tuning A440",
+        "fmin_hz": CHROMA_FMIN, "octaves": CHROMA_OCTAVES, "bins_per_octave": CHROMA_BINS_PER_OCTAVE,
+        "min_rate_hz": CHROMA_MIN_RATE, "hop_at_decimated_rate": CHROMA_HOP,
+    },
+    "spectral_rolloff_percent": ROLL_PERCENT,
+    "spectral_contrast_bands": N_CONTRAST_BANDS,
+    "tempo": "librosa.beat.beat_track on onset_strength of the log-mel spectrogram",
+    "key": "Krumhansl-Schmuckler on the clip's mean chroma",
+}
+"""How the audio features are computed, for the artifact manifest beside the feature names."""
 
 
 def _key_templates() -> tuple[np.ndarray, list[str]]:
@@ -120,18 +147,106 @@ def _key_features(chroma_mean: np.ndarray) -> np.ndarray:
     return np.array([np.sin(angle), np.cos(angle), float(major), strength], dtype=np.float32)
 
 
-def _chroma(y: np.ndarray, sr: int) -> np.ndarray:
-    """Constant-Q chroma rather than STFT chroma: a 2048-point STFT cannot separate semitones
-    below about C4, so a plain C major triad smears into its neighbours and reads as E minor.
+@lru_cache(maxsize=4)
+def _spectral_bases(sr: int) -> tuple[np.ndarray, np.ndarray, scipy.sparse.csr_matrix]:
+    """(bin frequencies, their squares, mel filters) of the N_FFT spectrogram at one rate.
 
-    tuning=0 (A440): estimating tuning needs a pitch track per clip and only helps recordings
-    detuned by close to a quarter tone. librosa warns that the lowest, downsampled octaves of a
-    clip shorter than about 1.5 s are shorter than one FFT frame; it zero-pads them, which is
-    what this function would do anyway, so that one warning is silenced here.
+    librosa rebuilds its filter banks on every call; built once per rate, a clip pays only the
+    matrix products. The mel filters are held sparse: each of the 128 triangles spans a few
+    bins of 1025, so the product costs 2% of the dense one librosa computes.
     """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"n_fft=\d+ is too large for input signal", category=UserWarning)
-        return librosa.feature.chroma_cqt(y=y, sr=sr, hop_length=CHROMA_HOP, tuning=0.0)
+    freqs = librosa.fft_frequencies(sr=sr, n_fft=N_FFT).astype(np.float32)
+    freqs.setflags(write=False)
+    mel = scipy.sparse.csr_matrix(librosa.filters.mel(sr=sr, n_fft=N_FFT, dtype=np.float32))
+    return freqs, freqs**2, mel
+
+
+@dataclass(frozen=True)
+class _ConstantQChroma:
+    """A constant-Q transform's kernel in the frequency domain (Brown & Puckette), built once."""
+
+    decimate: int
+    n_fft: int
+    kernel: scipy.sparse.csr_matrix  # (bins, n_fft // 2 + 1) complex64
+    inverse_sqrt_lengths: np.ndarray  # (bins, 1): librosa's `scale=True` normalisation
+    to_chroma: np.ndarray  # (12, bins)
+
+
+@lru_cache(maxsize=4)
+def _constant_q_chroma(sr: int) -> _ConstantQChroma:
+    """The kernel librosa.cqt would build for chroma_cqt's defaults (C1 up, 36 bins per octave,
+    Hann wavelets, 1% sparsity), for CHROMA_OCTAVES octaves at sr / decimate.
+
+    Chroma needs no more than a few kHz, so the clip is decimated to about CHROMA_MIN_RATE and
+    one long-window FFT (at least the longest wavelet, about 1.6 s for C1) per frame covers
+    every bin: what librosa does per octave with resampling, in a single pass.
+    """
+    decimate = max(1, int(sr // CHROMA_MIN_RATE))
+    rate = sr / decimate
+    freqs = CHROMA_FMIN * 2.0 ** (np.arange(CHROMA_OCTAVES * CHROMA_BINS_PER_OCTAVE) / CHROMA_BINS_PER_OCTAVE)
+    filters, lengths = librosa.filters.wavelet(freqs=freqs, sr=rate, window="hann", filter_scale=1, pad_fft=True, norm=1)
+    n_fft = filters.shape[1]
+    basis = np.fft.fft(filters * (lengths[:, np.newaxis] / n_fft), n=n_fft, axis=1)[:, : n_fft // 2 + 1]
+    kernel = librosa.util.sparsify_rows(basis, quantile=0.01, dtype=np.complex64)
+    to_chroma = librosa.filters.cq_to_chroma(
+        len(freqs), bins_per_octave=CHROMA_BINS_PER_OCTAVE, n_chroma=12, fmin=CHROMA_FMIN
+    ).astype(np.float32)
+    return _ConstantQChroma(decimate, n_fft, kernel, (1.0 / np.sqrt(lengths)).astype(np.float32)[:, np.newaxis], to_chroma)
+
+
+def _chroma(y: np.ndarray, sr: int) -> np.ndarray:
+    """Constant-Q chroma (12 x frames), as librosa.feature.chroma_cqt(tuning=0) computes it.
+
+    Constant-Q rather than STFT chroma: a 2048-point STFT cannot separate semitones below about
+    C4, so a plain C major triad smears into its neighbours and reads as E minor; on the
+    labelled real clips STFT chroma (even with an 8192-point window) gets 1-4 more keys wrong.
+    librosa's chroma_cqt rebuilds its wavelet kernels on every call and resamples per octave
+    (about 70 ms of a 30 s clip); with the kernel cached and the clip decimated once it costs a
+    few ms, and the key estimates of the labelled clips are the same (correlations move in the
+    third decimal). tuning=0 (A440): estimating tuning needs a pitch track per clip and only
+    helps recordings detuned by close to a quarter tone. The hop is coarse because chroma is
+    only averaged over the clip.
+    """
+    cq = _constant_q_chroma(sr)
+    if cq.decimate > 1:
+        y = scipy.signal.resample_poly(y, 1, cq.decimate).astype(np.float32)
+    if len(y) < cq.n_fft:  # a clip shorter than C1's wavelet: pad with silence, as librosa would
+        y = np.pad(y, (0, cq.n_fft - len(y)))
+    spectrum = librosa.stft(y, n_fft=cq.n_fft, hop_length=CHROMA_HOP, window="ones")
+    magnitude = np.abs(cq.kernel @ spectrum) * cq.inverse_sqrt_lengths
+    return librosa.util.normalize(cq.to_chroma @ magnitude, norm=np.inf, axis=0)
+
+
+def _spectral_shape(S: np.ndarray, sr: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-frame spectral centroid, bandwidth (p=2) and 85% roll-off of a magnitude spectrogram,
+    as librosa.feature.spectral_centroid / spectral_bandwidth / spectral_rolloff define them.
+
+    librosa builds several spectrogram-sized float64 temporaries for these (about 65 ms of a
+    30 s clip); as two matrix products and one cumulative sum they cost a few ms. Bandwidth uses
+    sum(p * (f - c)^2) = E[f^2] - c^2 over the normalised column p; silent frames are 0 in all
+    three, as in librosa.
+    """
+    freqs, freqs_sq, _ = _spectral_bases(sr)
+    total = S.sum(axis=0)
+    safe = np.where(total > np.finfo(np.float32).tiny, total, 1.0).astype(np.float32)
+    centroid = (freqs @ S) / safe
+    bandwidth = np.sqrt(np.maximum((freqs_sq @ S) / safe - centroid**2, 0.0))
+    cumulative = np.cumsum(S, axis=0)
+    below = cumulative < ROLL_PERCENT * cumulative[-1]
+    rolloff = freqs[below.sum(axis=0)]
+    return centroid, bandwidth, rolloff
+
+
+def _zero_crossing_rate(y: np.ndarray) -> np.ndarray:
+    """Per-frame zero-crossing rate exactly as librosa.feature.zero_crossing_rate (frames of
+    N_FFT every HOP, centred with edge padding, |x| <= 1e-10 counted as 0 and 0 as positive),
+    from one pass of sign changes and a cumulative sum instead of a framed copy of the clip."""
+    padded = np.pad(y, N_FFT // 2, mode="edge")
+    negative = np.signbit(padded) & (np.abs(padded) > 1e-10)
+    changes = np.concatenate([[0], np.cumsum(negative[1:] != negative[:-1], dtype=np.int64)])
+    starts = np.arange(1 + (len(padded) - N_FFT) // HOP) * HOP
+    # Frame t holds samples starts[t] .. starts[t] + N_FFT - 1: N_FFT - 1 neighbouring pairs.
+    return (changes[starts + N_FFT - 1] - changes[starts]) / N_FFT
 
 
 def audio_features(y: np.ndarray, sr: int) -> np.ndarray:
@@ -154,18 +269,15 @@ def audio_features(y: np.ndarray, sr: int) -> np.ndarray:
     if len(y) < N_FFT:
         y = np.pad(y, (0, N_FFT - len(y)))
 
-    # One STFT feeds every spectral feature; librosa would otherwise recompute it per call.
+    # One STFT feeds every spectral feature, the onsets and the tempo.
     S = np.abs(librosa.stft(y, n_fft=N_FFT, hop_length=HOP))
     power = S**2
-    mel_db = librosa.power_to_db(librosa.feature.melspectrogram(S=power, sr=sr))
+    mel_db = librosa.power_to_db(_spectral_bases(sr)[2] @ power)  # = melspectrogram(S=power)
     mfcc = librosa.feature.mfcc(S=mel_db, n_mfcc=N_MFCC)
     chroma = _chroma(y, sr)
-    centroid = librosa.feature.spectral_centroid(S=S, sr=sr)[0]
-    # Handing over the centroid saves librosa computing it a second time.
-    bandwidth = librosa.feature.spectral_bandwidth(S=S, sr=sr, centroid=centroid[np.newaxis, :])[0]
-    rolloff = librosa.feature.spectral_rolloff(S=S, sr=sr)[0]
+    centroid, bandwidth, rolloff = _spectral_shape(S, sr)
     contrast = librosa.feature.spectral_contrast(S=S, sr=sr, n_bands=N_CONTRAST_BANDS)
-    zcr = librosa.feature.zero_crossing_rate(y, frame_length=N_FFT, hop_length=HOP)[0]
+    zcr = _zero_crossing_rate(y)
     rms = librosa.feature.rms(S=S, frame_length=N_FFT)[0]
 
     onset_env = librosa.onset.onset_strength(S=mel_db, sr=sr, hop_length=HOP)
@@ -256,7 +368,8 @@ def decode_audio(uri: str, sr: int, max_seconds: float) -> DecodedAudio:
         raise TrackAudioError("undecodable", f"cannot decode audio {uri}: {exc}") from exc
     if data.shape[0] == 0:
         raise TrackAudioError("empty_audio", f"cannot decode audio {uri}: no samples")
-    y = data.mean(axis=1)
+    # Downmix as a matrix-vector product: numpy's mean over a 2-wide last axis is 5x slower.
+    y = data[:, 0] if data.shape[1] == 1 else data @ np.full(data.shape[1], 1.0 / data.shape[1], dtype=np.float32)
     if native_sr != sr:
         y = librosa.resample(y, orig_sr=native_sr, target_sr=sr)
     y = np.ascontiguousarray(y[: int(max_seconds * sr)], dtype=np.float32)

@@ -29,14 +29,14 @@ RATES = (10, 50, 100)
 
 
 # ---------------------------------------------------------------- load generator (own process)
-async def _open_loop(url: str, users: list[str], rate: float, seconds: float) -> dict:
+async def _open_loop(url: str, users: list[str], rate: float, seconds: float, headers: dict | None = None) -> dict:
     import httpx
 
     n = int(rate * seconds)
     latencies: list[float] = []
     errors = 0
     limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
-    async with httpx.AsyncClient(timeout=30, limits=limits) as client:
+    async with httpx.AsyncClient(timeout=30, limits=limits, headers=headers) as client:
         start = time.perf_counter() + 0.2
 
         async def one(i: int) -> None:
@@ -102,8 +102,8 @@ def _summary(latencies: list[float], errors: int, sent: int, elapsed: float) -> 
     }
 
 
-def _load_process(kind: str, url: str, users: list[str], x: float, seconds: float, out) -> None:
-    coro = _open_loop(url, users, x, seconds) if kind == "open" else _closed_loop(url, users, int(x), seconds)
+def _load_process(kind: str, url: str, users: list[str], x: float, seconds: float, out, headers: dict | None = None) -> None:
+    coro = _open_loop(url, users, x, seconds, headers) if kind == "open" else _closed_loop(url, users, int(x), seconds)
     out.put(asyncio.run(coro))
 
 
@@ -158,7 +158,7 @@ def settings_args(state: Path, redis_url: str, world: dict) -> dict:
     }
 
 
-def prepare(args: dict, api: str) -> None:
+def prepare(args: dict, api: str, headers: dict | None = None) -> None:
     """Run the pipeline once (events in over HTTP, export, batch jobs, materialise) unless the
     state folder already holds its results."""
     import httpx
@@ -181,7 +181,7 @@ def prepare(args: dict, api: str) -> None:
     events["timestamp"] = events["timestamp"].map(lambda t: t.isoformat())
     records = events[["event_id", "user_id", "track_id", "event_type", "timestamp", "duration_ms"]].to_dict("records")
     for i in range(0, len(records), 1000):
-        httpx.post(f"{api}/v1/events", json={"events": records[i : i + 1000]}, timeout=60).raise_for_status()
+        httpx.post(f"{api}/v1/events", json={"events": records[i : i + 1000]}, timeout=60, headers=headers).raise_for_status()
     export_events(settings)
     run_parallel(settings)
     materialize(settings)

@@ -1,0 +1,273 @@
+"""Load soak: recommendations at a fixed rate plus event ingest, for minutes, watching memory.
+
+    .venv/bin/python scripts/soak.py                      # 10 minutes, 50 req/s + 1,000 events/s
+    .venv/bin/python scripts/soak.py --minutes 2          # a quick look
+
+The whole system runs as in production, on one local Ray cluster: the Serve application
+(ingress → fetch → CF and content retrieval → blend → rerank; the event gateway), a
+consumer group applying events online, and the export job landing the stream as Parquet
+every minute (which trims the stream, so Redis holds a bounded backlog as it would in
+operation). Auth is on: both load generators use a real API key.
+
+Reported: errors and latency of both loads; resident memory (RSS) of every process of the
+system (Serve replicas, proxy, controller, consumers, raylet, GCS, Redis, the driver) after a
+warm-up minute and at the end, and its slope over the second half of the run; and that every
+accepted event is in Parquet or still in the stream, exactly once. The last line is JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from benchmarks.serve import _load_process, prepare, settings_args  # noqa: E402
+
+WARMUP_S = 60.0
+SAMPLE_EVERY_S = 15.0
+EXPORT_EVERY_S = 60.0
+
+
+# ------------------------------------------------------------------ ingest load (own process)
+async def _ingest_loop(url: str, key: str, users: list[str], tracks: list[str], rate: float, batch: int, seconds: float) -> dict:
+    import httpx
+
+    n = int(rate * seconds)
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    accepted = duplicates = 0
+    headers = {"Authorization": f"Bearer {key}"}
+    rng = np.random.default_rng(7)
+    async with httpx.AsyncClient(timeout=30, headers=headers, limits=httpx.Limits(max_connections=64)) as client:
+        start = time.perf_counter() + 0.2
+
+        async def one(i: int) -> None:
+            nonlocal accepted, duplicates
+            scheduled = start + i / rate
+            await asyncio.sleep(max(0.0, scheduled - time.perf_counter()))
+            now_ms = int(time.time() * 1000)
+            events = [
+                {"event_id": str(uuid.uuid4()), "user_id": users[int(u)], "track_id": tracks[int(t)],
+                 "event_type": "play", "timestamp": now_ms, "duration_ms": 30_000}
+                for u, t in zip(rng.integers(len(users), size=batch), rng.integers(len(tracks), size=batch))
+            ]
+            try:
+                resp = await client.post(url, json={"events": events})
+            except Exception as exc:  # noqa: BLE001 - every failure is counted, by kind
+                errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+                return
+            if resp.status_code != 200:
+                errors[str(resp.status_code)] = errors.get(str(resp.status_code), 0) + 1
+                return
+            body = resp.json()
+            accepted += body["accepted"]
+            duplicates += body["duplicates"]
+            latencies.append(time.perf_counter() - scheduled)
+
+        await asyncio.gather(*(one(i) for i in range(n)))
+    ms = np.asarray(latencies) * 1000 if latencies else np.asarray([np.nan])
+    return {
+        "requests": n, "ok": len(latencies), "errors": sum(errors.values()), "error_kinds": errors,
+        "accepted": accepted, "duplicates": duplicates,
+        "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
+    }
+
+
+def _ingest_process(url, key, users, tracks, rate, batch, seconds, out) -> None:
+    out.put(asyncio.run(_ingest_loop(url, key, users, tracks, rate, batch, seconds)))
+
+
+# ------------------------------------------------------------------------ memory sampling
+def system_processes(redis_pid: int) -> dict[int, str]:
+    """pid -> a stable name for every process of the running system."""
+    import psutil
+
+    found = {os.getpid(): "driver", redis_pid: "redis-server"}
+    for proc in psutil.process_iter(["pid", "cmdline", "name"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if cmd.startswith("ray::"):
+            name = cmd.split()[0].removeprefix("ray::").split(".")[0]
+        elif "gcs_server" in cmd:
+            name = "gcs_server"
+        elif "/raylet" in cmd:
+            name = "raylet"
+        else:
+            continue
+        if name != "IDLE":
+            found[proc.info["pid"]] = f"{name}[{proc.info['pid']}]"
+    return found
+
+
+def rss_mb(pids: dict[int, str]) -> dict[str, float]:
+    import psutil
+
+    out = {}
+    for pid, name in pids.items():
+        try:
+            out[name] = psutil.Process(pid).memory_info().rss / 2**20
+        except psutil.NoSuchProcess:
+            out[name] = float("nan")
+    return out
+
+
+def memory_report(samples: list[tuple[float, dict[str, float]]], end_s: float) -> dict:
+    """Per process: RSS after the warm-up, at the end, growth, and the slope (MB/min) of a
+    least-squares line over the second half of the run."""
+    base_t, base = next((t, s) for t, s in samples if t >= WARMUP_S)
+    _, last = samples[-1]
+    half = [(t, s) for t, s in samples if t >= end_s / 2]
+    report = {}
+    for name in base:
+        ts = np.asarray([t for t, s in half if np.isfinite(s.get(name, np.nan))])
+        ys = np.asarray([s[name] for t, s in half if np.isfinite(s.get(name, np.nan))])
+        slope = float(np.polyfit(ts / 60, ys, 1)[0]) if len(ts) >= 3 else float("nan")
+        report[name] = {
+            "start_mb": round(base[name], 1), "end_mb": round(last.get(name, float("nan")), 1),
+            "growth_pct": round(100 * (last.get(name, np.nan) / base[name] - 1), 1), "slope_mb_per_min": round(slope, 2),
+        }
+    return report
+
+
+# ----------------------------------------------------------------------------------- main
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--rps", type=float, default=50.0, help="Recommendation requests per second.")
+    parser.add_argument("--events-per-s", type=float, default=1000.0)
+    parser.add_argument("--batch", type=int, default=100, help="Events per POST.")
+    parser.add_argument("--state", type=Path, default=Path(tempfile.gettempdir()) / "echotune-soak")
+    args = parser.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_worker_niceness", "0")  # compete fairly with the load generators
+
+    import pandas as pd
+    import ray
+    import redis
+    from ray import serve
+
+    from app.config import settings_from_args
+    from app.events.auth import ApiKeyStore
+    from app.keys import Keys
+    from app.redis_server import EmbeddedRedis, free_port
+    from deployments.app import build_app
+    from jobs.consume_events import ConsumerActor
+    from jobs.export_events import export_events
+
+    seconds = args.minutes * 60
+    args.state.mkdir(parents=True, exist_ok=True)
+    redis_server = EmbeddedRedis(args.state / "redis", appendonly=True)
+    redis_server.start()
+    try:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING", "enable_access_log": False})
+        app_args = settings_args(args.state, redis_server.url, {"n_users": 400, "n_tracks": 800, "n_artists": 80, "clip_seconds": 2.0})
+        app_args["auth"] = {"enabled": True}
+        # One key drives each load; the per-key buckets must admit the soak's own rates.
+        app_args["rate_limit"] = {"read": {"rate_per_s": 4 * args.rps, "burst": 8 * int(args.rps)},
+                                  "ingest": {"rate_per_s": 400.0, "burst": 800}}
+        settings = settings_from_args(app_args)
+        client = redis.Redis.from_url(redis_server.url)
+        key = ApiKeyStore(client, Keys(settings.redis.key_prefix)).create({"ingest", "read"}).token
+        serve.run(build_app(app_args), name="echotune", route_prefix="/")
+        api = f"http://127.0.0.1:{port}"
+        prepare(app_args, api, headers={"Authorization": f"Bearer {key}"})
+        # The preparation's own events: the soak's count starts from what is already landed.
+        in_stream_before = export_events(settings)["stream_length"]
+        exported_before = _parquet_rows(settings.paths.events_dir)
+
+        consumers = [ConsumerActor.options(max_concurrency=2).remote(settings, f"soak-{i}") for i in range(settings.consumer.consumers)]
+        followers = [c.follow.remote() for c in consumers]
+        users = pd.read_parquet(args.state / "world" / "users.parquet")["user_id"].tolist()
+        tracks = pd.read_parquet(args.state / "world" / "tracks.parquet")["track_id"].tolist()
+
+        ctx = mp.get_context("spawn")
+        rec_q, ing_q = ctx.Queue(), ctx.Queue()
+        rec_url = f"{api}/v1/users/{{user}}/recommendations?k=20"
+        rec = ctx.Process(target=_load_process, args=("open", rec_url, users, args.rps, seconds, rec_q), kwargs={"headers": {"Authorization": f"Bearer {key}"}})
+        ing = ctx.Process(target=_ingest_process, args=(f"{api}/v1/events", key, users, tracks, args.events_per_s / args.batch, args.batch, seconds, ing_q))
+        pids = system_processes(redis_server.process.pid)
+        samples: list[tuple[float, dict[str, float]]] = []
+        exports: list[dict] = []
+        t0 = time.perf_counter()
+        rec.start()
+        ing.start()
+        print(f"soak: {args.minutes:g} min, {args.rps:g} req/s + {args.events_per_s:g} events/s; {len(pids)} processes watched", flush=True)
+        next_export = EXPORT_EVERY_S
+        while rec.is_alive() or ing.is_alive():
+            elapsed = time.perf_counter() - t0
+            samples.append((elapsed, rss_mb(pids)))
+            if elapsed >= next_export:
+                exports.append(export_events(settings))
+                next_export += EXPORT_EVERY_S
+                total = sum(samples[-1][1].values())
+                print(f"  {elapsed / 60:4.1f} min: system RSS {total:,.0f} MB, stream {exports[-1]['stream_length']:,} entries", flush=True)
+            time.sleep(SAMPLE_EVERY_S if elapsed < seconds - SAMPLE_EVERY_S else 1.0)
+        rec_result, ing_result = rec_q.get(), ing_q.get()
+        rec.join()
+        ing.join()
+        samples.append((time.perf_counter() - t0, rss_mb(pids)))
+        ray.get([c.stop.remote() for c in consumers])
+        consumer_stats = ray.get(followers)
+        exports.append(export_events(settings))
+        exported = _parquet_rows(settings.paths.events_dir) - exported_before
+        in_stream = exports[-1]["stream_length"]
+        dead_letters = client.xlen(settings.redis.dead_letter_key)
+    finally:
+        try:
+            serve.shutdown()
+            ray.shutdown()
+        finally:
+            redis_server.stop()
+
+    memory = memory_report(samples, seconds)
+    print(f"\nrecommendations: {rec_result['ok']}/{rec_result['sent']} ok, errors {rec_result['errors']}, "
+          f"p50 {rec_result['p50_ms']:.1f} ms, p95 {rec_result['p95_ms']:.1f} ms, p99 {rec_result['p99_ms']:.1f} ms")
+    print(f"ingest: {ing_result['ok']}/{ing_result['requests']} requests ok, errors {ing_result['errors']} {ing_result['error_kinds']}, "
+          f"accepted {ing_result['accepted']:,} events, p99 {ing_result['p99_ms']:.1f} ms")
+    print(f"events: accepted {ing_result['accepted']:,}; in Parquet {exported:,}; left in the stream {in_stream - in_stream_before:,}; "
+          f"dead letters {dead_letters}")
+    print(f"consumers applied {sum(s['applied'] for s in consumer_stats):,} events\n")
+    print(f"{'process':<44} {'start MB':>9} {'end MB':>9} {'growth':>8} {'MB/min (2nd half)':>18}")
+    for name, m in sorted(memory.items(), key=lambda kv: -kv[1]["end_mb"]):
+        print(f"{name:<44} {m['start_mb']:>9.1f} {m['end_mb']:>9.1f} {m['growth_pct']:>7.1f}% {m['slope_mb_per_min']:>18.2f}")
+    growth = [m["growth_pct"] for m in memory.values() if np.isfinite(m["growth_pct"])]
+    summary = {
+        "minutes": args.minutes,
+        "rps": args.rps,
+        "events_per_s": args.events_per_s,
+        "rec_requests": rec_result["sent"],
+        "rec_errors": rec_result["errors"],
+        "rec_p95_ms": round(rec_result["p95_ms"], 1),
+        "ingest_requests": ing_result["requests"],
+        "ingest_errors": ing_result["errors"],
+        "events_accepted": ing_result["accepted"],
+        "events_lost": ing_result["accepted"] - exported - (in_stream - in_stream_before),
+        "errors": rec_result["errors"] + ing_result["errors"],
+        "max_rss_growth_pct": max(growth),
+        "system_rss_start_mb": round(sum(m["start_mb"] for m in memory.values()), 1),
+        "system_rss_end_mb": round(sum(m["end_mb"] for m in memory.values() if np.isfinite(m["end_mb"])), 1),
+    }
+    print(json.dumps(summary))
+
+
+def _parquet_rows(events_dir: Path) -> int:
+    import pyarrow.parquet as pq
+
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in events_dir.rglob("*.parquet")) if events_dir.exists() else 0
+
+
+if __name__ == "__main__":
+    main()

@@ -2,11 +2,14 @@
 
     ray job submit --working-dir . -- python -m jobs.evaluate_experiment --config ray_config.yaml --experiment NAME
 
-Two Ray Data passes over `events/date=*/`: the first finds the exposed users (impressions of
-the experiment, first exposure per user), the second sums every exposed user's events into
-mergeable per-user partials (app/experiments/metrics.py), one per block, merged on the
-driver. The statistics, guardrails and decision are plain functions (app/experiments/). The
-report goes to `<state_dir>/reports/experiments/<name>/<timestamp>/report.{json,html}`; with
+Two Ray Data passes over `events/date=*/`, a map_batches task per piece of Parquet (about
+`rows_per_task` rows of whole row groups, app/parquet_pieces.py): the first finds the exposed
+users (impressions of the experiment, first exposure per user), the second sums every exposed
+user's events into mergeable per-user partials (app/experiments/metrics.py: dense per-user
+arrays from np.bincount over dictionary codes), one per task, merged on the driver; no
+groupby shuffle. The statistics, guardrails and decision are plain functions
+(app/experiments/). The report goes to
+`<state_dir>/reports/experiments/<name>/<timestamp>/report.{json,html}`; with
 `experiments.auto_rollback`, a critical breach sets the variant's kill switch in Redis.
 """
 
@@ -18,6 +21,7 @@ import pickle
 import time
 from pathlib import Path
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -25,21 +29,24 @@ from app.config import Settings
 from app.experiments.definitions import Experiment
 from app.experiments.evaluation import evaluate
 from app.experiments.guardrails import decide
-from app.experiments.metrics import DAY_MS, EVENT_COLUMNS, EXPOSURE_COLUMNS, Exposures, MetricsAccumulator, UserMetrics, combine_exposures, exposure_partial
+from app.experiments.metrics import DAY_MS, MetricsAccumulator, UserMetrics, combine_exposures, exposures_in_parquet, merge_partials
 from app.experiments.registry import ExperimentRegistry
 from app.experiments.report import report_html, report_json
+from app.parquet_pieces import item_parts, plan_items, read_plan
 
 log = logging.getLogger(__name__)
 
 
-def _exposure_batch(batch: pa.Table, experiment: str):
-    return exposure_partial(batch, experiment)
+def _exposure_pieces(pieces: pa.Table, experiment: str) -> pa.Table:
+    """One task's pieces of Parquet to its exposed (user, variant) pairs."""
+    frames = [exposures_in_parquet(path, groups, experiment) for path, groups in item_parts(pieces)]
+    return pa.Table.from_pandas(pd.concat(frames, ignore_index=True), preserve_index=False)
 
 
-def _metrics_batch(batch: pa.Table, exposures: Exposures, experiment: str, track_ids, track_genres, pre_period_ms: int) -> pa.Table:
-    """One block's partial sums, pickled into one row (they are numpy arrays and frames)."""
-    acc = MetricsAccumulator(exposures, experiment, track_ids, track_genres, pre_period_ms)
-    return pa.table({"partial": pa.array([pickle.dumps(acc.add(batch), protocol=5)], pa.binary())})
+def _metrics_pieces(pieces: pa.Table, accumulator: MetricsAccumulator) -> pa.Table:
+    """One task's pieces of Parquet to one partial, pickled into one row (numpy arrays and frames)."""
+    partials = [accumulator.add_parquet(path, groups) for path, groups in item_parts(pieces)]
+    return pa.table({"partial": pa.array([pickle.dumps(merge_partials(partials), protocol=5)], pa.binary())})
 
 
 def load_catalogue(path: Path | None) -> tuple[pa.Array | None, object]:
@@ -63,34 +70,26 @@ def event_paths(events_dir: Path, since_ms: int | None) -> list[str]:
 
 
 def compute_user_metrics(
-    paths: list[str], experiment: Experiment, catalogue: Path | None, pre_period_ms: int, cpus: float = 0.5
+    paths: list[str], experiment: Experiment, catalogue: Path | None, pre_period_ms: int, cpus: float = 1.0, rows_per_task: int = 2_000_000
 ) -> UserMetrics:
     import ray
 
     # Tasks, not actors: nothing to set up per worker, and no actor start-up on small jobs.
-    exposure_frames = (
-        ray.data.read_parquet(paths, columns=EXPOSURE_COLUMNS)
-        .map_batches(_exposure_batch, fn_kwargs={"experiment": experiment.name}, batch_format="pyarrow", batch_size=None, num_cpus=cpus)
-        .to_pandas()
-    )
-    exposures = combine_exposures([exposure_frames], [v.name for v in experiment.variants])
+    # Each task reads its own pieces (app/parquet_pieces.py) rather than via read_parquet, so
+    # strings stay Parquet dictionary codes and only small partials leave the task.
+    plan = read_plan(paths, rows_per_task)
+    pieces = ray.data.from_items(plan_items(plan), override_num_blocks=max(len(plan), 1))
+    exposure_frames = pieces.map_batches(
+        _exposure_pieces, fn_kwargs={"experiment": experiment.name}, batch_format="pyarrow", batch_size=1, num_cpus=cpus
+    ).to_pandas()
+    exposures = combine_exposures([exposure_frames] if len(exposure_frames.columns) else [], [v.name for v in experiment.variants])
     log.info("%d exposed users (%d in more than one variant, excluded)", exposures.n_users, exposures.conflicting_users)
     track_ids, genres = load_catalogue(catalogue)
     acc = MetricsAccumulator(exposures, experiment.name, track_ids, genres, pre_period_ms)
-    shared = {"exposures": exposures, "track_ids": track_ids, "track_genres": genres}
-    partials = ray.data.read_parquet(paths, columns=EVENT_COLUMNS).map_batches(
-        _metrics_batch,
-        fn_kwargs={**shared, "experiment": experiment.name, "pre_period_ms": pre_period_ms},
-        batch_format="pyarrow",
-        batch_size=None,
-        num_cpus=cpus,
-    )
-    total = acc.empty()
-    for i, batch in enumerate(partials.iter_batches(batch_format="pyarrow", batch_size=None)):
-        for blob in batch["partial"].to_pylist():
-            total = total.merge(pickle.loads(blob))
-        log.info("merged partial %d", i + 1)
-    return acc.finish(total)
+    partials = pieces.map_batches(_metrics_pieces, fn_kwargs={"accumulator": acc}, batch_format="pyarrow", batch_size=1, num_cpus=cpus)
+    blobs = [blob for batch in partials.iter_batches(batch_format="pyarrow", batch_size=None) for blob in batch["partial"].to_pylist()]
+    log.info("merging %d partials", len(blobs))
+    return acc.finish(merge_partials([acc.empty()] + [pickle.loads(blob) for blob in blobs]))
 
 
 def write_report(doc: dict, out_dir: Path) -> tuple[Path, Path]:

@@ -6,8 +6,11 @@ counted). Every event of an exposed user is then attributed: from the first expo
 counts towards the experiment, in the `pre_period_ms` before it towards the CUPED covariate.
 
 The work is split so that Ray Data can run it per batch: `MetricsAccumulator.add(table)` on
-any slice of the events, `merge` of the partial results in any order, `finish()` once.
-Everything is dense numpy arrays indexed by the exposed user's position, so merging is a sum.
+any slice of the events (`add_parquet` on a piece of a file), `merge_partials` of the partial
+results in any order, `finish()` once. Everything is dense numpy arrays indexed by the exposed
+user's position, so merging is a sum. Strings are never compared row by row: each column's
+dictionary (as read from Parquet, or encoded once per batch) is matched, and rows are indexed
+by its integer codes; sessions and recommendations become stable 64-bit hashes.
 
     acc = MetricsAccumulator(exposures, experiment="mmr-test", catalogue=genres)
     acc.add(table); ...; users = acc.finish()
@@ -21,6 +24,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from app.parquet_pieces import dictionary_codes, epoch_ms, iter_tables
 
 DAY_MS = 86_400_000
 MAX_LATENCY_MS = 60_000
@@ -40,6 +45,10 @@ HIGHER_IS_BETTER = {
 
 EXPOSURE_COLUMNS = ["user_id", "event_type", "timestamp", "experiment", "variant"]
 EVENT_COLUMNS = ["user_id", "track_id", "event_type", "timestamp", "duration_ms", "position", "recommendation_id", "experiment", "session_id"]
+DICTIONARY_COLUMNS = ["user_id", "track_id", "event_type", "recommendation_id", "experiment", "session_id"]
+"""Read as Parquet dictionaries: every string the metrics need is matched or counted by code."""
+EVENT_TYPES = ("impression", "click", "play", "like", "skip")
+IMPRESSION, CLICK, PLAY, LIKE, SKIP = range(len(EVENT_TYPES))
 
 
 @dataclass
@@ -58,17 +67,43 @@ class Exposures:
 
 
 def exposure_partial(table: pa.Table, experiment: str) -> pd.DataFrame:
-    """(user_id, variant) -> first exposure ms and count, for the impressions of one experiment."""
-    mask = pc.and_(pc.equal(table["experiment"], experiment), pc.equal(table["event_type"], "impression"))
-    t = table.filter(pc.fill_null(mask, False))
-    df = pd.DataFrame(
+    """(user_id, variant) -> first exposure ms and count, for the impressions of one experiment.
+    Integer work on dictionary codes; strings only for the distinct pairs found."""
+    rows = np.flatnonzero((_lookup(table["experiment"], [experiment]) == 0) & (_lookup(table["event_type"], ["impression"]) == 0))
+    users, user_codes = dictionary_codes(table["user_id"])
+    variants, variant_codes = dictionary_codes(table["variant"])
+    ts, has_ts = epoch_ms(table["timestamp"])
+    u, v, ts = user_codes[rows], variant_codes[rows], ts[rows]
+    ok = (u >= 0) & (v >= 0) & has_ts[rows]
+    pairs, inverse = np.unique(u[ok] * len(variants) + v[ok], return_inverse=True)
+    first = np.full(len(pairs), np.iinfo(np.int64).max)
+    np.minimum.at(first, inverse, ts[ok])
+    return pd.DataFrame(
         {
-            "user_id": t["user_id"].to_numpy(zero_copy_only=False),
-            "variant": t["variant"].to_numpy(zero_copy_only=False),
-            "ts": t["timestamp"].cast(pa.int64()).to_numpy(zero_copy_only=False),
+            "user_id": users.take(pairs // max(len(variants), 1)).to_numpy(zero_copy_only=False),
+            "variant": variants.take(pairs % max(len(variants), 1)).to_numpy(zero_copy_only=False),
+            "first_ms": first,
+            "exposures": np.bincount(inverse, minlength=len(pairs)),
         }
     )
-    return df.groupby(["user_id", "variant"], as_index=False).agg(first_ms=("ts", "min"), exposures=("ts", "size"))
+
+
+def exposures_in_parquet(path: str, row_groups: list[int] | None, experiment: str) -> pd.DataFrame:
+    """`exposure_partial` of a piece of an event Parquet file (app/parquet_pieces.py)."""
+    frames = [exposure_partial(t, experiment) for t in iter_tables(path, row_groups, EXPOSURE_COLUMNS, [c for c in EXPOSURE_COLUMNS if c != "timestamp"])]
+    return pd.concat(frames, ignore_index=True) if frames else exposure_partial(pa.table({c: pa.nulls(0, pa.string()) for c in EXPOSURE_COLUMNS}), experiment)
+
+
+def _lookup(column, values: list[str]) -> np.ndarray:
+    """Per row, the index of its value in `values` (-1 if none or null), via the dictionary."""
+    dictionary, codes = dictionary_codes(column)
+    found = pc.index_in(dictionary, value_set=pa.array(values, pa.string())).fill_null(-1)
+    return np.append(np.asarray(found, dtype=np.int64), -1)[codes]  # code -1 (null) -> -1
+
+
+def _stable_hashes(strings: pa.Array) -> np.ndarray:
+    """64-bit hashes of strings that agree across batches and processes (pandas' siphash)."""
+    return pd.util.hash_array(np.asarray(strings.to_numpy(zero_copy_only=False), dtype=object), categorize=False).view(np.int64)
 
 
 def combine_exposures(partials: list[pd.DataFrame], variants: list[str]) -> Exposures:
@@ -88,6 +123,27 @@ def combine_exposures(partials: list[pd.DataFrame], variants: list[str]) -> Expo
     )
 
 
+def _daily(variant: np.ndarray, day: np.ndarray, impressions: np.ndarray, clicks: np.ndarray, plays: np.ndarray, listen_ms: np.ndarray) -> pd.DataFrame:
+    """Per (variant, day) sums for the report's series, one row per pair with any event."""
+    if not len(day):
+        return pd.DataFrame({"variant": [], "day": [], "impressions": [], "clicks": [], "plays": [], "listen_ms": []}, dtype=np.int64).astype({"listen_ms": float})
+    d0, days = int(day.min()), int(day.max() - day.min()) + 1
+    key = variant * days + (day - d0)
+    size = (int(variant.max()) + 1) * days
+    hit = np.flatnonzero(np.bincount(key, minlength=size))
+    count = lambda w: np.bincount(key, weights=w, minlength=size)[hit]  # noqa: E731
+    return pd.DataFrame(
+        {
+            "variant": hit // days,
+            "day": hit % days + d0,
+            "impressions": count(impressions).astype(np.int64),
+            "clicks": count(clicks).astype(np.int64),
+            "plays": count(plays).astype(np.int64),
+            "listen_ms": count(listen_ms),
+        }
+    )
+
+
 USER_SUMS = ("impressions", "clicks", "plays", "likes", "skips", "listen_ms", "recs", "ild_sum", "pre_listen_ms")
 
 
@@ -100,19 +156,38 @@ class Partial:
     pre_sessions: np.ndarray  # same, pre-period
     latency_hist: np.ndarray  # (variants, MAX_LATENCY_MS + 1) counts of per-request latency
     recommended: np.ndarray  # (variant index, track code) pairs seen in impressions
-    ild_parts: pd.DataFrame  # recommendation_id, user, genre counts, for recs split over batches
+    ild_parts: pd.DataFrame  # recommendation (64-bit hash of its id), user, genre counts; a list may span batches
     daily: pd.DataFrame  # variant, day, impressions, clicks, plays, listen_ms
 
     def merge(self, other: "Partial") -> "Partial":
-        return Partial(
-            sums={k: self.sums[k] + other.sums[k] for k in self.sums},
-            sessions=_unique_pairs(*np.concatenate([self.sessions, other.sessions]).T),
-            pre_sessions=_unique_pairs(*np.concatenate([self.pre_sessions, other.pre_sessions]).T),
-            latency_hist=self.latency_hist + other.latency_hist,
-            recommended=_unique_pairs(*np.concatenate([self.recommended, other.recommended]).T),
-            ild_parts=pd.concat([self.ild_parts, other.ild_parts], ignore_index=True),
-            daily=pd.concat([self.daily, other.daily]).groupby(["variant", "day"], as_index=False).sum(),
-        )
+        return merge_partials([self, other])
+
+
+def merge_partials(partials: list[Partial]) -> Partial:
+    """One partial for many, concatenating and deduplicating once (merging pairwise in a loop
+    would copy the growing keyed pieces again at every step)."""
+    if len(partials) == 1:
+        return partials[0]
+
+    def pairs(name: str) -> np.ndarray:
+        return _unique_pairs(*np.concatenate([getattr(p, name) for p in partials]).T)
+
+    def total(arrays) -> np.ndarray:  # in place into one copy: memory of one array, not of all stacked
+        out = None
+        for a in arrays:
+            out = a.copy() if out is None else np.add(out, a, out=out)
+        return out
+
+    ild = [p.ild_parts for p in partials if len(p.ild_parts)]
+    return Partial(
+        sums={k: total(p.sums[k] for p in partials) for k in partials[0].sums},
+        sessions=pairs("sessions"),
+        pre_sessions=pairs("pre_sessions"),
+        latency_hist=total(p.latency_hist for p in partials),
+        recommended=pairs("recommended"),
+        ild_parts=pd.concat(ild, ignore_index=True) if ild else pd.DataFrame(),
+        daily=pd.concat([p.daily for p in partials]).groupby(["variant", "day"], as_index=False).sum(),
+    )
 
 
 @dataclass
@@ -148,16 +223,6 @@ def _unique_pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.stack([a[first], b[first]], axis=1)
 
 
-def _user_sessions(u: np.ndarray, session_id: pa.ChunkedArray, mask: np.ndarray) -> np.ndarray:
-    """Distinct (user, session) pairs. Sessions are hashed to stable 64-bit codes (so that
-    pieces from different batches line up); only each batch's distinct ids are hashed."""
-    if not mask.any():
-        return np.empty((0, 2), np.int64)
-    encoded = pc.dictionary_encode(session_id.filter(pa.array(mask)).fill_null("")).combine_chunks()
-    codes = pd.util.hash_array(np.asarray(encoded.dictionary.to_numpy(zero_copy_only=False), dtype=object), categorize=False).view(np.int64)
-    return _unique_pairs(u[mask], codes[encoded.indices.to_numpy(zero_copy_only=False)])
-
-
 class MetricsAccumulator:
     def __init__(self, exposures: Exposures, experiment: str, track_ids: pa.Array | None = None, track_genres: np.ndarray | None = None, pre_period_ms: int = 7 * DAY_MS):
         """`track_ids`/`track_genres` (genre index per catalogue track) enable diversity and
@@ -182,24 +247,30 @@ class MetricsAccumulator:
         )
 
     def add(self, table: pa.Table) -> Partial:
-        """The partial sums of one slice of events (any slice; order does not matter)."""
+        """The partial sums of one slice of events (any slice; order does not matter). String
+        columns are matched on their dictionaries (distinct values), rows on integer codes."""
         out = self.empty()
         n = self.exposures.n_users
-        user = pc.index_in(table["user_id"], value_set=self.exposures.user_ids)
-        keep = pc.is_valid(user)
-        if not pc.any(keep).as_py():
+        if table.num_rows == 0:
             return out
-        t = table.filter(keep)
-        u = user.filter(keep).to_numpy(zero_copy_only=False).astype(np.int64)
-        ts = t["timestamp"].cast(pa.int64()).to_numpy(zero_copy_only=False)
+        users, user_codes = dictionary_codes(table["user_id"])
+        exposed = np.append(np.asarray(pc.index_in(users, value_set=self.exposures.user_ids).fill_null(-1), dtype=np.int64), -1)[user_codes]
+        rows = np.flatnonzero(exposed >= 0)
+        if not len(rows):
+            return out
+        every = len(rows) == table.num_rows
+        pick = (lambda a: a) if every else (lambda a: a[rows])  # noqa: E731 (skip the copy when all rows count)
+        u = pick(exposed)
+        ts, has_ts = epoch_ms(table["timestamp"])
+        ts, has_ts = pick(ts), pick(has_ts)
         first = self.exposures.first_ms[u]
-        post, pre = ts >= first, (ts < first) & (ts >= first - self.pre_period_ms)
-        etype = t["event_type"]
-        is_type = lambda name: pc.fill_null(pc.equal(etype, name), False).to_numpy(zero_copy_only=False)  # noqa: E731
-        duration = t["duration_ms"].fill_null(0).to_numpy(zero_copy_only=False).astype(float)
-        in_exp = pc.fill_null(pc.equal(t["experiment"], self.experiment), False).to_numpy(zero_copy_only=False)
-        impression = is_type("impression") & in_exp & post
-        click, play = is_type("click") & post, is_type("play")
+        post, pre = has_ts & (ts >= first), has_ts & (ts < first) & (ts >= first - self.pre_period_ms)
+        etype = pick(_lookup(table["event_type"], list(EVENT_TYPES)))
+        in_exp = pick(_lookup(table["experiment"], [self.experiment])) == 0
+        duration = pick(np.asarray(table["duration_ms"].fill_null(0), dtype=np.float64))
+        impression = (etype == IMPRESSION) & in_exp & post
+        click, play = (etype == CLICK) & post, etype == PLAY
+        play_post, play_pre = play & post, play & pre
         s = out.sums
 
         def add_to(name: str, mask: np.ndarray, weights: np.ndarray | None = None) -> None:
@@ -207,41 +278,52 @@ class MetricsAccumulator:
 
         add_to("impressions", impression)
         add_to("clicks", click)
-        add_to("plays", play & post)
-        add_to("likes", is_type("like") & post)
-        add_to("skips", is_type("skip") & post)
-        add_to("listen_ms", play & post, duration)
-        add_to("pre_listen_ms", play & pre, duration)
-        out.sessions = _user_sessions(u, t["session_id"], play & post)
-        out.pre_sessions = _user_sessions(u, t["session_id"], play & pre)
+        add_to("plays", play_post)
+        add_to("likes", (etype == LIKE) & post)
+        add_to("skips", (etype == SKIP) & post)
+        add_to("listen_ms", play_post, duration)
+        add_to("pre_listen_ms", play_pre, duration)
+        if play.any():
+            sessions, session_codes = dictionary_codes(table["session_id"])
+            session_hash = np.append(_stable_hashes(sessions), _stable_hashes(pa.array([""])))[pick(session_codes)]  # null -> ""
+            out.sessions = _unique_pairs(u[play_post], session_hash[play_post])
+            out.pre_sessions = _unique_pairs(u[play_pre], session_hash[play_pre])
 
         variant = self.exposures.variant_idx[u]
         # One latency per request: the first item's impression carries the serving time.
-        first_item = impression & (t["position"].fill_null(-1).to_numpy(zero_copy_only=False) == 0)
+        first_item = impression & (pick(np.asarray(table["position"].fill_null(-1), dtype=np.int64)) == 0)
         lat = np.clip(duration[first_item], 0, MAX_LATENCY_MS).astype(np.int64)
-        np.add.at(out.latency_hist, (variant[first_item], lat), 1)
+        width = MAX_LATENCY_MS + 1
+        out.latency_hist += np.bincount(variant[first_item] * width + lat, minlength=out.latency_hist.size).reshape(out.latency_hist.shape)
 
         if self.track_ids is not None and impression.any():
-            track = pc.index_in(t["track_id"].filter(pa.array(impression)), value_set=self.track_ids).fill_null(-1).to_numpy(zero_copy_only=False)
+            shown = np.flatnonzero(impression) if every else rows[impression]
+            tracks, track_codes = dictionary_codes(table["track_id"])
+            in_catalogue = np.append(np.asarray(pc.index_in(tracks, value_set=self.track_ids).fill_null(-1), dtype=np.int64), -1)
+            track = in_catalogue[track_codes[shown]]
             out.recommended = _unique_pairs(variant[impression], track)
-            out.ild_parts = self._ild_parts(t["recommendation_id"].filter(pa.array(impression)), u[impression], track)
+            out.ild_parts = self._ild_parts(table["recommendation_id"], shown, u[impression], track)
 
-        day = ts // DAY_MS
-        daily = pd.DataFrame({"variant": variant, "day": day, "impressions": impression, "clicks": click, "plays": play & post, "listen_ms": np.where(play & post, duration, 0.0)})
-        daily = daily[post]
-        out.daily = daily.groupby(["variant", "day"], as_index=False).sum()
+        out.daily = _daily(variant[post], ts[post] // DAY_MS, impression[post], click[post], play_post[post], np.where(play_post, duration, 0.0)[post])
         return out
 
-    def _ild_parts(self, rec_ids: pa.Array, users: np.ndarray, track: np.ndarray) -> pd.DataFrame:
+    def _ild_parts(self, rec_ids, shown: np.ndarray, users: np.ndarray, track: np.ndarray) -> pd.DataFrame:
+        """Genre counts per recommendation (a list may be split over batches: summed in finish)."""
         genre = np.where(track >= 0, self.track_genres[np.maximum(track, 0)], self.n_genres - 1)
-        codes, uniques = pd.factorize(np.asarray(rec_ids.fill_null("").to_numpy(zero_copy_only=False), dtype=object))
+        recs, rec_codes = dictionary_codes(rec_ids)
+        rec_codes = np.where(rec_codes[shown] >= 0, rec_codes[shown], len(recs))  # null -> ""
+        uniques, codes = np.unique(rec_codes, return_inverse=True)
         counts = np.bincount(codes * self.n_genres + genre, minlength=len(uniques) * self.n_genres).reshape(len(uniques), self.n_genres)
         rec_user = np.zeros(len(uniques), np.int64)
         rec_user[codes] = users
         frame = pd.DataFrame(counts, columns=[f"g{i}" for i in range(self.n_genres)])
         frame.insert(0, "user", rec_user)
-        frame.insert(0, "rec", uniques)
+        frame.insert(0, "rec", _stable_hashes(pa.concat_arrays([recs, pa.array([""])]).take(uniques)))
         return frame
+
+    def add_parquet(self, path: str, row_groups: list[int] | None = None) -> Partial:
+        """`add` over a piece of an event Parquet file, batch by batch (app/parquet_pieces.py)."""
+        return merge_partials([self.empty()] + [self.add(t) for t in iter_tables(path, row_groups, EVENT_COLUMNS, DICTIONARY_COLUMNS)])
 
     def finish(self, partial: Partial) -> UserMetrics:
         ex, n = self.exposures, self.exposures.n_users

@@ -72,6 +72,18 @@ def test_parquet_pieces_read_as_dictionaries_give_the_same_counts(tmp_path):
     assert sum(pieces.filter(pa.compute.equal(pieces["kind"], HOURLY))["events"].to_pylist()) == 650
 
 
+def test_a_block_without_locales_merges_in_any_position():
+    """Blocks come back in any order; one without a locale column (an older export, or events
+    nobody sent a locale with) must not shift the other blocks' locale codes."""
+    events = _events(300, seed=5)
+    agg = HourlyAggregator(to_now_ms(NOW), 168, 24, {"play": 1.0, "like": 2.0})
+    keys = [("kind", "ascending"), ("track_id", "ascending"), ("locale", "ascending"), ("bucket", "ascending")]
+    bare, first, second = events.drop(columns=["locale"]).iloc[:40], events.iloc[:150], events.iloc[150:]
+    expected = combine([agg(first), agg(second), agg(bare)]).sort_by(keys)
+    for order in ([bare, first, second], [first, bare, second]):
+        assert combine([agg(e) for e in order]).sort_by(keys).equals(expected)
+
+
 def test_bad_events_are_counted_not_fatal():
     events = _events(50)
     bad = pd.DataFrame(

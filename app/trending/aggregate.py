@@ -217,8 +217,7 @@ def aggregate_parquet(path: str, row_groups: list[int] | None, aggregate: Hourly
 
 def _unify(dictionaries: list[pa.Array]) -> tuple[pa.Array, list[np.ndarray]]:
     """One dictionary for several, and each one's codes into it."""
-    if not dictionaries:
-        return pa.array([], pa.string()), []
-    encoded = pc.dictionary_encode(pa.chunked_array(dictionaries, pa.string())).unify_dictionaries()
-    unified = encoded.chunk(0).dictionary if encoded.num_chunks else pa.array([], pa.string())
-    return unified, [np.asarray(c.indices, dtype=np.int64) for c in encoded.chunks]
+    # One code array per dictionary, empty ones included (a chunked array would drop them and
+    # misalign the rest).
+    unified = pc.unique(pa.chunked_array(dictionaries, pa.string()).combine_chunks()) if dictionaries else pa.array([], pa.string())
+    return unified, [np.asarray(pc.index_in(d.cast(pa.string()), value_set=unified), dtype=np.int64) for d in dictionaries]

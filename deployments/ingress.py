@@ -112,6 +112,15 @@ class ApiIngress:
             return _unprocessable(
                 [{"loc": ["query", "k"], "msg": f"k must be between 1 and {self.settings.serving.max_k}", "type": "value_error"}]
             )
+        # Already a validated model: serialise it once here rather than have FastAPI validate
+        # it against `response_model` again (`response_model` still documents it).
+        return Response((await self.recommend(user_id, k)).model_dump_json(), media_type="application/json")
+
+    async def recommend(self, user_id: str, k: int = 20) -> RecommendationResponse:
+        """The recommendation answer; Python callers use it through a DeploymentHandle
+        (`handle.recommend.remote(user_id, k)`), the HTTP route above wraps it."""
+        if not 1 <= k <= self.settings.serving.max_k:
+            raise ValueError(f"k must be between 1 and {self.settings.serving.max_k}, got {k}")
         request_id = uuid.uuid4().hex
         started = time.perf_counter()
         assignments, params = self.experiments.assign(user_id)
@@ -122,9 +131,7 @@ class ApiIngress:
             task = asyncio.create_task(asyncio.to_thread(self.experiments.log_exposures, response, assignments, latency_ms))
             self._exposure_tasks.add(task)
             task.add_done_callback(self._exposure_tasks.discard)
-        # Already a validated model: serialise it once here rather than have FastAPI validate
-        # it against `response_model` again (`response_model` still documents it).
-        return Response(response.model_dump_json(), media_type="application/json")
+        return response
 
     @api.get("/v1/trending", tags=["recommendations"], responses={422: {"description": "`detail[].loc` names the bad parameter."}})
     async def trending(

@@ -181,7 +181,7 @@ def test_app_answers_through_a_deployment_handle(system):
     world = system["world"]
     user = world.events["user_id"].iloc[0]
     handle = serve.get_app_handle("echotune")
-    response = handle.recommendations.remote(user, 7).result(timeout_s=60)
+    response = handle.recommend.remote(user, 7).result(timeout_s=60)
     assert response.user_id == user and len(response.items) == 7 and not response.degraded
 
 

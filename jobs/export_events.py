@@ -9,7 +9,9 @@ Redis restarts:
    crash re-exports exactly the same range into the same file names (overwriting, not adding);
 2. each file is written to a temporary name, fsynced, renamed, and its folder fsynced;
 3. only then the cursor moves (and the in-flight range is cleared) in one MULTI;
-4. only then the stream is trimmed, and never past an entry a consumer group still holds.
+4. only then the stream is trimmed, and never past an entry a consumer group still holds or
+   has not read yet; while the configured group (`consumer.group`) does not exist, not at all:
+   it will be created at the start of the stream and must find every event there.
 Entries that cannot be exported (not JSON, missing fields) go to the dead-letter stream with
 stage `export`; the job carries on.
 """
@@ -154,7 +156,7 @@ def export_events(settings: Settings, chunk: int = 20_000, trim: bool = True) ->
         pipe.delete(keys.export_inflight())  # not chained: the cluster pipeline's delete returns None
         pipe.execute()
         if trim:
-            trimmed += trim_exported(client, stream.key, last)
+            trimmed += trim_exported(client, stream.key, last, required_groups=(settings.consumer.group,))
         log.info("exported %d events (cursor %s)", exported, last)
     return {"job": "export_events", "exported": exported, "files": files, "dead_lettered": dead, "trimmed": trimmed, "stream_length": stream.length()}
 

@@ -125,3 +125,16 @@ def test_trim_keeps_what_a_consumer_group_has_not_acknowledged(redis_client):
     redis_client.xack("s", "g", ids[2], ids[3])
     trim_exported(redis_client, "s", exported_through=ids[4])
     assert [i.decode() for i, _ in redis_client.xrange("s")] == ids[4:], "nor past what the group has not read"
+
+
+def test_trim_keeps_everything_until_the_configured_consumer_group_exists(redis_client):
+    from app.events.stream import trim_exported
+
+    ids = [redis_client.xadd("s2", {"e": "{}"}).decode() for _ in range(4)]
+    assert trim_exported(redis_client, "s2", exported_through=ids[-1], required_groups=["g"]) == 0
+    assert redis_client.xlen("s2") == 4, "the group, once created at 0, must still find every event"
+    redis_client.xgroup_create("s2", "g", id="0")
+    delivered = redis_client.xreadgroup("g", "c", {"s2": ">"}, count=3)[0][1]
+    redis_client.xack("s2", "g", *[i for i, _ in delivered])
+    trim_exported(redis_client, "s2", exported_through=ids[-1], required_groups=["g"])
+    assert [i.decode() for i, _ in redis_client.xrange("s2")] == ids[3:], "then only what it has acknowledged goes"

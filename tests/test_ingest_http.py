@@ -177,7 +177,9 @@ def test_redis_restart_then_export_writes_every_acknowledged_event_once(stack, m
     exported = pd.read_parquet(settings.paths.events_dir)
     assert exported["event_id"].is_unique
     assert set(exported["event_id"]) == acked
-    assert again["exported"] == 0 and summary["stream_length"] == 0, "trimmed once durable (no consumer group)"
+    assert again["exported"] == 0
+    # No consumer group yet: it will read from the start, so export trims nothing.
+    assert summary["stream_length"] == len(acked) == stack["redis"].xlen(settings.redis.stream_key)
 
 
 def test_redis_down_is_503_with_retry_after_and_nothing_acknowledged(stack):
@@ -191,3 +193,30 @@ def test_redis_down_is_503_with_retry_after_and_nothing_acknowledged(stack):
         stack["server"].start()
     retry = http.post("/v1/events", json={"events": [e]}, headers=headers)
     assert retry.status_code == 200 and retry.json()["results"][0]["status"] == "accepted"
+
+
+def test_ingestion_through_the_gateway_deployment_answers_the_same(stack):
+    """`gateway.in_process: false` (ingress -> EventGateway deployment): same statuses, same 422,
+    and the dedup it shares with the in-process path through Redis."""
+    from ray import serve
+
+    from deployments.gateway import EventGateway
+    from deployments.ingress import ApiIngress
+
+    settings = stack["settings"].model_copy(update={"gateway": stack["settings"].gateway.model_copy(update={"in_process": False})})
+    serve.run(ApiIngress.bind(settings, EventGateway.bind(settings), None, None, None), name=f"{APP}-hop", route_prefix=f"{PREFIX}-hop")
+    try:
+        headers = bearer(stack, "ingest")
+        hop = httpx.Client(base_url=str(stack["http"].base_url).replace(PREFIX, f"{PREFIX}-hop"), timeout=30)
+        a = event(user_id="hop-user")
+        assert stack["http"].post("/v1/events", json=a, headers=headers).json()["accepted"] == 1
+        before = stream_len(stack)
+        answer = hop.post("/v1/events", json={"events": [a, event(user_id="hop-user")]}, headers=headers).json()
+        assert [r["status"] for r in answer["results"]] == ["duplicate", "accepted"]
+        assert stream_len(stack) == before + 1
+        bad = hop.post("/v1/events", json={"events": [{**a, "event_type": "teleport"}]}, headers=headers)
+        assert bad.status_code == 422 and bad.json()["detail"][0]["loc"][:3] == ["body", "events", 0]
+        assert stream_len(stack) == before + 1
+        hop.close()
+    finally:
+        serve.delete(f"{APP}-hop")

@@ -150,8 +150,8 @@ def test_ingest_append_consume_dead_letter_and_export_run_on_the_cluster(redis_c
     redis_client.xadd(settings.redis.stream_key, {"e": b"{not json"})
 
     keys = Keys(PREFIX)
-    stage = OnlineUpdates(redis_client, keys, settings.redis.stream_key, "online", keep=5)
-    consumer = StreamConsumer(redis_client, settings.redis.stream_key, ConsumerSettings(group="online"), "c1", stage,
+    stage = OnlineUpdates(redis_client, keys, settings.redis.stream_key, settings.consumer.group, keep=5)
+    consumer = StreamConsumer(redis_client, settings.redis.stream_key, settings.consumer, "c1", stage,
                               DeadLetterQueue(redis_client, settings.redis.dead_letter_key))
     consumer.ensure_group()
     stats = consumer.drain(block_ms=10)

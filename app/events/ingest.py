@@ -8,14 +8,14 @@ milliseconds.
 from __future__ import annotations
 
 import logging
-from datetime import datetime
+from datetime import datetime, timezone
 
 import redis
 
 from app.config import GatewaySettings
 from app.events.enrichment import RequestContext, enrich
 from app.events.stream import AppendStatus, EventStream, PendingEvent
-from app.events.validation import parse_events
+from app.events.validation import EventValidationError, parse_events
 from app.schemas import EventResult, EventStatus, IngestResponse
 
 log = logging.getLogger(__name__)
@@ -79,3 +79,18 @@ class EventIngestor:
             rejected=counts[AppendStatus.conflict],
             results=results,
         )
+
+
+def ingest_outcome(ingestor: EventIngestor, body: object, user_agent: str | None, accept_language: str | None) -> dict:
+    """One request's outcome as plain data for the HTTP layer: {"response": IngestResponse as
+    JSON-ready dict}, {"errors": [...]} (→ 422) or {"unavailable": seconds, "detail": message}
+    (→ 503 + Retry-After). Plain dicts: they cross a deployment handle cheaper than pydantic
+    models, and the ingress maps them the same way whether it ran this in-process or not."""
+    now = datetime.now(timezone.utc)
+    ctx = RequestContext.from_headers(user_agent, accept_language, int(now.timestamp() * 1000))
+    try:
+        return {"response": ingestor.ingest(body, ctx, now).model_dump(mode="json")}
+    except EventValidationError as exc:
+        return {"errors": exc.errors}
+    except StorageUnavailable as exc:
+        return {"unavailable": ingestor.settings.unavailable_retry_after_s, "detail": exc.detail}

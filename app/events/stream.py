@@ -9,14 +9,17 @@ double-counts, and the gateway acknowledges only what the script put in the stre
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import redis
 
 from app.config import Settings
 from app.keys import Keys
+
+log = logging.getLogger(__name__)
 
 # KEYS[1] = stream. ARGV[1..5] = dedup prefix, dedup ttl (s), session prefix, session gap (ms),
 # session state ttl (s); then per event: event_id, fingerprint, user_id, timestamp ms, and the
@@ -30,14 +33,15 @@ local out = {}
 local dprefix, dttl, sprefix, gap, sttl = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
 for i = 6, #ARGV, 5 do
   local id, fp, user, ts_s, head = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
-  local seen = redis.call('GET', dprefix .. id)
-  if seen then
-    out[#out + 1] = (seen == fp) and 0 or -1
+  local skey = sprefix .. user
+  -- Read first: a read that fails (a session key of the wrong type) leaves nothing half-done,
+  -- while the event's first write, SET NX, is also its dedup check (one call, not GET + SET).
+  local state = redis.call('HMGET', skey, 'sid', 'last')
+  if not redis.call('SET', dprefix .. id, fp, 'NX', 'EX', dttl) then
+    out[#out + 1] = (redis.call('GET', dprefix .. id) == fp) and 0 or -1
     out[#out + 1] = ''
   else
     local ts = tonumber(ts_s)
-    local skey = sprefix .. user
-    local state = redis.call('HMGET', skey, 'sid', 'last')
     local sid, last = state[1], tonumber(state[2])
     if sid and last and ts >= last - gap and ts <= last + gap then
       if ts > last then
@@ -52,7 +56,6 @@ for i = 6, #ARGV, 5 do
         redis.call('EXPIRE', skey, sttl)
       end
     end
-    redis.call('SET', dprefix .. id, fp, 'EX', dttl)
     out[#out + 1] = 1
     out[#out + 1] = redis.call('XADD', KEYS[1], '*', 'e', head .. ',"session_id":"' .. sid .. '"}')
   end
@@ -178,14 +181,22 @@ def next_id(entry_id: str) -> str:
     return f"{ms}-{seq + 1}"
 
 
-def trim_floor(client: redis.Redis, key: str, exported_through: str) -> str:
+def trim_floor(client: redis.Redis, key: str, exported_through: str, required_groups: Iterable[str] = ()) -> str:
     """The lowest id that must stay: past what export has made durable, and past nothing a
-    consumer group has not yet acknowledged (its oldest pending entry, or what it has not read)."""
+    consumer group has not yet acknowledged (its oldest pending entry, or what it has not read).
+    A group in `required_groups` (the configured consumer group) that does not exist yet will
+    read the stream from its start (`StreamConsumer.ensure_group` creates it at 0), so until it
+    exists nothing is trimmed."""
     floor = _parse_id(next_id(exported_through))
     try:
         groups = client.xinfo_groups(key)
     except redis.ResponseError:  # no such stream
         groups = []
+    names = {g["name"].decode() if isinstance(g["name"], bytes) else g["name"] for g in groups}
+    missing = sorted(set(required_groups) - names)
+    if missing:
+        log.warning("not trimming %s: consumer group(s) %s not created yet, they will read it from the start", key, ", ".join(missing))
+        return "0-0"
     for group in groups:
         name = group["name"]
         if int(group["pending"]) > 0:
@@ -198,6 +209,7 @@ def trim_floor(client: redis.Redis, key: str, exported_through: str) -> str:
     return f"{floor[0]}-{floor[1]}"
 
 
-def trim_exported(client: redis.Redis, key: str, exported_through: str) -> int:
-    """Drop entries export has written durably and every consumer group has acknowledged."""
-    return int(client.xtrim(key, minid=trim_floor(client, key, exported_through), approximate=False))
+def trim_exported(client: redis.Redis, key: str, exported_through: str, required_groups: Iterable[str] = ()) -> int:
+    """Drop entries export has written durably and every consumer group (existing, or required
+    and yet to be created) has acknowledged."""
+    return int(client.xtrim(key, minid=trim_floor(client, key, exported_through, required_groups), approximate=False))

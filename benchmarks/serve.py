@@ -34,28 +34,27 @@ async def _open_loop(url: str, users: list[str], rate: float, seconds: float, he
 
     n = int(rate * seconds)
     latencies: list[float] = []
-    errors = 0
+    kinds: dict[str, int] = {}
     limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
     async with httpx.AsyncClient(timeout=30, limits=limits, headers=headers) as client:
         start = time.perf_counter() + 0.2
 
         async def one(i: int) -> None:
-            nonlocal errors
             scheduled = start + i / rate
             await asyncio.sleep(max(0.0, scheduled - time.perf_counter()))
             try:
                 resp = await client.get(url.format(user=users[i % len(users)]))
-                if resp.status_code != 200:
-                    errors += 1
-                    return
-            except Exception:  # noqa: BLE001 - a benchmark counts every failure as an error
-                errors += 1
+            except Exception as exc:  # noqa: BLE001 - a benchmark counts every failure as an error
+                kinds[type(exc).__name__] = kinds.get(type(exc).__name__, 0) + 1
+                return
+            if resp.status_code != 200:
+                kinds[str(resp.status_code)] = kinds.get(str(resp.status_code), 0) + 1
                 return
             latencies.append(time.perf_counter() - scheduled)
 
         await asyncio.gather(*(one(i) for i in range(n)))
         elapsed = time.perf_counter() - start
-    return _summary(latencies, errors, n, elapsed)
+    return {**_summary(latencies, sum(kinds.values()), n, elapsed), "error_kinds": kinds}
 
 
 async def _closed_loop(url: str, users: list[str], workers: int, seconds: float) -> dict:

@@ -19,12 +19,14 @@ stage `export`; the job carries on.
 from __future__ import annotations
 
 import logging
+import time
 import os
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import redis
 
 from app.config import Settings
 from app.events.dead_letter import DeadLetterQueue
@@ -130,12 +132,33 @@ def _write_chunk(entries: list[StreamEntry], events_dir: Path, dlq: DeadLetterQu
     return len(good), files, dead
 
 
-def export_events(settings: Settings, chunk: int = 20_000, trim: bool = True) -> dict:
+TRANSIENT = (redis.ConnectionError, redis.TimeoutError)
+"""Redis errors a retry can outlast: a restart, or a stall (an append-only-file rewrite with
+`appendfsync always` can block the server for seconds)."""
+
+
+def export_events(settings: Settings, chunk: int = 20_000, trim: bool = True, attempts: int = 5, backoff_s: float = 0.5) -> dict:
+    """Export every entry past the cursor. Transient Redis errors are retried with backoff:
+    the cursor and the in-flight marker live in Redis, so a retry resumes exactly where the
+    failed attempt stopped (a chunk redone overwrites its own Parquet files)."""
+    totals = {"exported": 0, "files": 0, "dead_lettered": 0, "trimmed": 0}
+    for attempt in range(attempts):
+        try:
+            stream_length = _export(settings, chunk, trim, totals)
+            return {"job": "export_events", **totals, "stream_length": stream_length}
+        except TRANSIENT as exc:
+            if attempt == attempts - 1:
+                raise
+            log.warning("export: redis error (attempt %d of %d), retrying: %s", attempt + 1, attempts, exc)
+            time.sleep(backoff_s * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def _export(settings: Settings, chunk: int, trim: bool, totals: dict) -> int:
     client = connect(settings)
     keys = Keys(settings.redis.key_prefix)
     stream = EventStream.from_settings(client, settings)
     dlq = DeadLetterQueue(client, settings.redis.dead_letter_key)
-    exported = files = dead = trimmed = 0
     while True:
         cursor = (client.get(keys.export_cursor()) or b"0-0").decode()
         inflight = client.hgetall(keys.export_inflight())
@@ -150,15 +173,16 @@ def export_events(settings: Settings, chunk: int = 20_000, trim: bool = True) ->
             first, last = entries[0].id, entries[-1].id
             client.hset(keys.export_inflight(), mapping={"first": first, "last": last})
         rows, n_files, n_dead = _write_chunk(entries, settings.paths.events_dir, dlq)
-        exported, files, dead = exported + rows, files + n_files, dead + n_dead
         pipe = client.pipeline(transaction=True)  # both keys share the {export} slot
         pipe.set(keys.export_cursor(), last)
         pipe.delete(keys.export_inflight())  # not chained: the cluster pipeline's delete returns None
         pipe.execute()
+        for name, n in (("exported", rows), ("files", n_files), ("dead_lettered", n_dead)):
+            totals[name] += n
         if trim:
-            trimmed += trim_exported(client, stream.key, last, required_groups=(settings.consumer.group,))
-        log.info("exported %d events (cursor %s)", exported, last)
-    return {"job": "export_events", "exported": exported, "files": files, "dead_lettered": dead, "trimmed": trimmed, "stream_length": stream.length()}
+            totals["trimmed"] += trim_exported(client, stream.key, last, required_groups=(settings.consumer.group,))
+        log.info("exported %d events (cursor %s)", totals["exported"], last)
+    return stream.length()
 
 
 def main() -> None:

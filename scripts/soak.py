@@ -38,6 +38,8 @@ from benchmarks.serve import _load_process, prepare, settings_args  # noqa: E402
 WARMUP_S = 60.0
 SAMPLE_EVERY_S = 15.0
 EXPORT_EVERY_S = 60.0
+MAX_RETRIES = 5
+"""Resends of a batch answered 503/429 (Retry-After honoured) before it counts as an error."""
 
 
 # ------------------------------------------------------------------ ingest load (own process)
@@ -47,6 +49,7 @@ async def _ingest_loop(url: str, key: str, users: list[str], tracks: list[str], 
     n = int(rate * seconds)
     latencies: list[float] = []
     errors: dict[str, int] = {}
+    retried: dict[str, int] = {}
     accepted = duplicates = 0
     headers = {"Authorization": f"Bearer {key}"}
     rng = np.random.default_rng(7)
@@ -63,11 +66,17 @@ async def _ingest_loop(url: str, key: str, users: list[str], tracks: list[str], 
                  "event_type": "play", "timestamp": now_ms, "duration_ms": 30_000}
                 for u, t in zip(rng.integers(len(users), size=batch), rng.integers(len(tracks), size=batch))
             ]
-            try:
-                resp = await client.post(url, json={"events": events})
-            except Exception as exc:  # noqa: BLE001 - every failure is counted, by kind
-                errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
-                return
+            for attempt in range(MAX_RETRIES + 1):
+                try:
+                    resp = await client.post(url, json={"events": events})
+                except Exception as exc:  # noqa: BLE001 - every failure is counted, by kind
+                    errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+                    return
+                if resp.status_code not in (429, 503) or attempt == MAX_RETRIES:
+                    break
+                # What the web client's outbox does: nothing was stored, wait as told, resend.
+                retried[str(resp.status_code)] = retried.get(str(resp.status_code), 0) + 1
+                await asyncio.sleep(float(resp.headers.get("Retry-After", "1")))
             if resp.status_code != 200:
                 errors[str(resp.status_code)] = errors.get(str(resp.status_code), 0) + 1
                 return
@@ -79,7 +88,7 @@ async def _ingest_loop(url: str, key: str, users: list[str], tracks: list[str], 
         await asyncio.gather(*(one(i) for i in range(n)))
     ms = np.asarray(latencies) * 1000 if latencies else np.asarray([np.nan])
     return {
-        "requests": n, "ok": len(latencies), "errors": sum(errors.values()), "error_kinds": errors,
+        "requests": n, "ok": len(latencies), "errors": sum(errors.values()), "error_kinds": errors, "retried": retried,
         "accepted": accepted, "duplicates": duplicates,
         "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
     }
@@ -91,22 +100,23 @@ def _ingest_process(url, key, users, tracks, rate, batch, seconds, out) -> None:
 
 # ------------------------------------------------------------------------ memory sampling
 def system_processes(redis_pid: int) -> dict[int, str]:
-    """pid -> a stable name for every process of the running system."""
+    """pid -> a stable name for every process of the system under test: this driver, the Ray
+    processes it started (GCS, raylet, workers, all its descendants) and Redis. Other Ray
+    clusters on the machine are not ours and are left out."""
     import psutil
 
     found = {os.getpid(): "driver", redis_pid: "redis-server"}
-    for proc in psutil.process_iter(["pid", "cmdline", "name"]):
-        cmd = " ".join(proc.info["cmdline"] or [])
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            cmd = " ".join(proc.cmdline())
+        except psutil.Error:
+            continue
         if cmd.startswith("ray::"):
             name = cmd.split()[0].removeprefix("ray::").split(".")[0]
-        elif "gcs_server" in cmd:
-            name = "gcs_server"
-        elif "/raylet" in cmd:
-            name = "raylet"
         else:
-            continue
-        if name != "IDLE":
-            found[proc.info["pid"]] = f"{name}[{proc.info['pid']}]"
+            name = Path(cmd.split()[0]).name if cmd else proc.name()
+        if name not in ("IDLE", "python", "python3") and not name.startswith("ray::IDLE"):
+            found[proc.pid] = f"{name}[{proc.pid}]"
     return found
 
 
@@ -184,9 +194,14 @@ def main() -> None:
         serve.run(build_app(app_args), name="echotune", route_prefix="/")
         api = f"http://127.0.0.1:{port}"
         prepare(app_args, api, headers={"Authorization": f"Bearer {key}"})
-        # The preparation's own events: the soak's count starts from what is already landed.
-        in_stream_before = export_events(settings)["stream_length"]
+        # The preparation's own events: the soak's count starts from what is already landed,
+        # and from the last stream entry so far (export keeps entries until the consumer group
+        # exists, so the preparation's may still be in the stream).
+        export_events(settings)
         exported_before = _parquet_rows(settings.paths.events_dir)
+        last = client.xrevrange(settings.redis.stream_key, count=1)
+        last_id_before = last[0][0].decode() if last else "0-0"
+        redis_before = _redis_memory(client)
 
         consumers = [ConsumerActor.options(max_concurrency=2).remote(settings, f"soak-{i}") for i in range(settings.consumer.consumers)]
         followers = [c.follow.remote() for c in consumers]
@@ -201,6 +216,7 @@ def main() -> None:
         pids = system_processes(redis_server.process.pid)
         samples: list[tuple[float, dict[str, float]]] = []
         exports: list[dict] = []
+        export_failures = 0
         t0 = time.perf_counter()
         rec.start()
         ing.start()
@@ -210,8 +226,13 @@ def main() -> None:
             elapsed = time.perf_counter() - t0
             samples.append((elapsed, rss_mb(pids)))
             if elapsed >= next_export:
-                exports.append(export_events(settings))
                 next_export += EXPORT_EVERY_S
+                try:
+                    exports.append(export_events(settings))
+                except redis.RedisError as exc:  # the job already retried; a scheduler would run it again
+                    export_failures += 1
+                    print(f"  export failed after its retries: {exc}", flush=True)
+                    continue
                 total = sum(samples[-1][1].values())
                 print(f"  {elapsed / 60:4.1f} min: system RSS {total:,.0f} MB, stream {exports[-1]['stream_length']:,} entries", flush=True)
             time.sleep(SAMPLE_EVERY_S if elapsed < seconds - SAMPLE_EVERY_S else 1.0)
@@ -223,7 +244,8 @@ def main() -> None:
         consumer_stats = ray.get(followers)
         exports.append(export_events(settings))
         exported = _parquet_rows(settings.paths.events_dir) - exported_before
-        in_stream = exports[-1]["stream_length"]
+        in_stream = len(client.xrange(settings.redis.stream_key, min=f"({last_id_before}", max="+"))
+        redis_after = _redis_memory(client)
         dead_letters = client.xlen(settings.redis.dead_letter_key)
     finally:
         try:
@@ -233,13 +255,16 @@ def main() -> None:
             redis_server.stop()
 
     memory = memory_report(samples, seconds)
-    print(f"\nrecommendations: {rec_result['ok']}/{rec_result['sent']} ok, errors {rec_result['errors']}, "
+    print(f"\nrecommendations: {rec_result['ok']}/{rec_result['sent']} ok, errors {rec_result['errors']} {rec_result['error_kinds']}, "
           f"p50 {rec_result['p50_ms']:.1f} ms, p95 {rec_result['p95_ms']:.1f} ms, p99 {rec_result['p99_ms']:.1f} ms")
     print(f"ingest: {ing_result['ok']}/{ing_result['requests']} requests ok, errors {ing_result['errors']} {ing_result['error_kinds']}, "
-          f"accepted {ing_result['accepted']:,} events, p99 {ing_result['p99_ms']:.1f} ms")
-    print(f"events: accepted {ing_result['accepted']:,}; in Parquet {exported:,}; left in the stream {in_stream - in_stream_before:,}; "
+          f"accepted {ing_result['accepted']:,} events, p99 {ing_result['p99_ms']:.1f} ms, resent after 503/429: {ing_result['retried']}")
+    print(f"exports: {len(exports)} ok, {export_failures} failed")
+    print(f"events: accepted {ing_result['accepted']:,}; in Parquet {exported:,}; left in the stream {in_stream:,}; "
           f"dead letters {dead_letters}")
-    print(f"consumers applied {sum(s['applied'] for s in consumer_stats):,} events\n")
+    print(f"consumers applied {sum(s['applied'] for s in consumer_stats):,} events")
+    print(f"redis: {redis_before['keys']:,} keys, {redis_before['used_mb']:.1f} MB used -> {redis_after['keys']:,} keys, "
+          f"{redis_after['used_mb']:.1f} MB (dedup markers live gateway.dedup_window_s; sessions and recent plays per user)\n")
     print(f"{'process':<44} {'start MB':>9} {'end MB':>9} {'growth':>8} {'MB/min (2nd half)':>18}")
     for name, m in sorted(memory.items(), key=lambda kv: -kv[1]["end_mb"]):
         print(f"{name:<44} {m['start_mb']:>9.1f} {m['end_mb']:>9.1f} {m['growth_pct']:>7.1f}% {m['slope_mb_per_min']:>18.2f}")
@@ -254,13 +279,21 @@ def main() -> None:
         "ingest_requests": ing_result["requests"],
         "ingest_errors": ing_result["errors"],
         "events_accepted": ing_result["accepted"],
-        "events_lost": ing_result["accepted"] - exported - (in_stream - in_stream_before),
-        "errors": rec_result["errors"] + ing_result["errors"],
+        "events_lost": ing_result["accepted"] - exported - in_stream,
+        "ingest_resent": sum(ing_result["retried"].values()),
+        "export_failures": export_failures,
+        "errors": rec_result["errors"] + ing_result["errors"] + export_failures,
         "max_rss_growth_pct": max(growth),
         "system_rss_start_mb": round(sum(m["start_mb"] for m in memory.values()), 1),
+        "redis_keys_start": redis_before["keys"],
+        "redis_keys_end": redis_after["keys"],
         "system_rss_end_mb": round(sum(m["end_mb"] for m in memory.values() if np.isfinite(m["end_mb"])), 1),
     }
     print(json.dumps(summary))
+
+
+def _redis_memory(client) -> dict:
+    return {"keys": client.dbsize(), "used_mb": client.info("memory")["used_memory"] / 2**20}
 
 
 def _parquet_rows(events_dir: Path) -> int:

@@ -30,7 +30,7 @@ import redis
 
 from app.config import Settings
 from app.events.dead_letter import DeadLetterQueue
-from app.events.stream import EventStream, StreamEntry, decode_entry, trim_exported
+from app.events.stream import EventStream, StreamEntry, trim_exported
 from app.keys import Keys
 from app.redis_server import connect
 
@@ -137,6 +137,12 @@ TRANSIENT = (redis.ConnectionError, redis.TimeoutError)
 `appendfsync always` can block the server for seconds)."""
 
 
+def _before(entry_id: str) -> str:
+    """The id just before `entry_id`, so that reading strictly after it starts at it."""
+    ms, seq = (int(x) for x in entry_id.split("-"))
+    return f"{ms}-{seq - 1}" if seq else (f"{ms - 1}-{2**64 - 1}" if ms else "0-0")
+
+
 def export_events(settings: Settings, chunk: int = 20_000, trim: bool = True, attempts: int = 5, backoff_s: float = 0.5) -> dict:
     """Export every entry past the cursor. Transient Redis errors are retried with backoff:
     the cursor and the in-flight marker live in Redis, so a retry resumes exactly where the
@@ -164,7 +170,7 @@ def _export(settings: Settings, chunk: int, trim: bool, totals: dict) -> int:
         inflight = client.hgetall(keys.export_inflight())
         if inflight:  # a previous run died mid-chunk: redo exactly that range
             first, last = inflight[b"first"].decode(), inflight[b"last"].decode()
-            entries = [decode_entry(i, f) for i, f in client.xrange(stream.key, min=first, max=last)]
+            entries = stream.read(_before(first), count=2**62, until=last)
             log.info("resuming interrupted export of %s..%s", first, last)
         else:
             entries = stream.read(cursor, chunk)

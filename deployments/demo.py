@@ -92,16 +92,29 @@ def stop_demo(settings: Settings, timeout_s: float = 60) -> None:
 
 
 def _cluster_pids(temp_dir: Path) -> list[int]:
-    marker = str(temp_dir).encode()
+    """Processes of the demo's cluster: those naming its temp dir on their command line, and
+    those writing logs into it (Ray's agents rename themselves to `ray::DashboardAgent`, so
+    only their open log files say which cluster they belong to)."""
+    marker = str(temp_dir)
     pids = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit() and int(proc.name) != os.getpid():
             try:
-                if marker in (proc / "cmdline").read_bytes():
+                if marker.encode() in (proc / "cmdline").read_bytes() or _writes_into(proc, marker):
                     pids.append(int(proc.name))
             except OSError:
                 continue
     return pids
+
+
+def _writes_into(proc: Path, folder: str) -> bool:
+    for fd in (proc / "fd").iterdir():
+        try:
+            if os.readlink(fd).startswith(folder):
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def stop_ray(settings: Settings, timeout_s: float = 20) -> None:

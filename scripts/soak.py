@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from benchmarks.serve import _load_process, prepare, settings_args  # noqa: E402
+from benchmarks.serve import prepare, settings_args  # noqa: E402
 
 WARMUP_S = 60.0
 SAMPLE_EVERY_S = 15.0
@@ -42,60 +42,91 @@ MAX_RETRIES = 5
 """Resends of a batch answered 503/429 (Retry-After honoured) before it counts as an error."""
 
 
-# ------------------------------------------------------------------ ingest load (own process)
-async def _ingest_loop(url: str, key: str, users: list[str], tracks: list[str], rate: float, batch: int, seconds: float) -> dict:
-    import httpx
-
-    n = int(rate * seconds)
+# ------------------------------------------------------------ both loads (one process, aiohttp)
+async def _open_loop(rate: float, seconds: float, send) -> tuple[list[float], dict[str, int]]:
+    """Fixed arrival rate: request i is due at start + i/rate and is started then, whatever
+    the earlier ones are doing; its latency counts from when it was due. Requests are started
+    as they fall due rather than all parked up front, which keeps the generator light."""
     latencies: list[float] = []
     errors: dict[str, int] = {}
-    retried: dict[str, int] = {}
-    accepted = duplicates = 0
+    tasks: set[asyncio.Task] = set()
+    start = time.perf_counter() + 0.2
+
+    async def one(i: int, due: float) -> None:
+        try:
+            ok = await send(i)
+        except Exception as exc:  # noqa: BLE001 - every failure is counted, by kind
+            errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+            return
+        if ok is True:
+            latencies.append(time.perf_counter() - due)
+        else:
+            errors[str(ok)] = errors.get(str(ok), 0) + 1
+
+    for i in range(int(rate * seconds)):
+        due = start + i / rate
+        await asyncio.sleep(max(0.0, due - time.perf_counter()))
+        task = asyncio.create_task(one(i, due))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    while tasks:
+        await asyncio.gather(*list(tasks))
+    return latencies, errors
+
+
+def _percentiles(latencies: list[float]) -> dict:
+    ms = np.asarray(latencies) * 1000 if latencies else np.asarray([np.nan])
+    return {f"p{q}_ms": float(np.percentile(ms, q)) for q in (50, 95, 99)}
+
+
+async def _loads(api: str, key: str, users: list[str], tracks: list[str], rps: float, events_per_s: float, batch: int, seconds: float) -> tuple[dict, dict]:
+    import aiohttp
+
     headers = {"Authorization": f"Bearer {key}"}
     rng = np.random.default_rng(7)
-    async with httpx.AsyncClient(timeout=30, headers=headers, limits=httpx.Limits(max_connections=64)) as client:
-        start = time.perf_counter() + 0.2
+    counts = {"accepted": 0, "duplicates": 0}
+    retried: dict[str, int] = {}
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(headers=headers, timeout=timeout, connector=aiohttp.TCPConnector(limit=256)) as http:
 
-        async def one(i: int) -> None:
-            nonlocal accepted, duplicates
-            scheduled = start + i / rate
-            await asyncio.sleep(max(0.0, scheduled - time.perf_counter()))
+        async def recommend(i: int):
+            async with http.get(f"{api}/v1/users/{users[i % len(users)]}/recommendations", params={"k": "20"}) as resp:
+                await resp.read()
+                return True if resp.status == 200 else resp.status
+
+        async def ingest(i: int):
             now_ms = int(time.time() * 1000)
-            events = [
+            body = {"events": [
                 {"event_id": str(uuid.uuid4()), "user_id": users[int(u)], "track_id": tracks[int(t)],
                  "event_type": "play", "timestamp": now_ms, "duration_ms": 30_000}
                 for u, t in zip(rng.integers(len(users), size=batch), rng.integers(len(tracks), size=batch))
-            ]
+            ]}
             for attempt in range(MAX_RETRIES + 1):
-                try:
-                    resp = await client.post(url, json={"events": events})
-                except Exception as exc:  # noqa: BLE001 - every failure is counted, by kind
-                    errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
-                    return
-                if resp.status_code not in (429, 503) or attempt == MAX_RETRIES:
-                    break
-                # What the web client's outbox does: nothing was stored, wait as told, resend.
-                retried[str(resp.status_code)] = retried.get(str(resp.status_code), 0) + 1
-                await asyncio.sleep(float(resp.headers.get("Retry-After", "1")))
-            if resp.status_code != 200:
-                errors[str(resp.status_code)] = errors.get(str(resp.status_code), 0) + 1
-                return
-            body = resp.json()
-            accepted += body["accepted"]
-            duplicates += body["duplicates"]
-            latencies.append(time.perf_counter() - scheduled)
+                async with http.post(f"{api}/v1/events", json=body) as resp:
+                    answer = await resp.json(content_type=None)
+                    if resp.status not in (429, 503) or attempt == MAX_RETRIES:
+                        break
+                    # What the web client's outbox does: nothing was stored, wait as told, resend.
+                    retried[str(resp.status)] = retried.get(str(resp.status), 0) + 1
+                    wait = float(resp.headers.get("Retry-After", "1"))
+                await asyncio.sleep(wait)
+            if resp.status != 200:
+                return resp.status
+            counts["accepted"] += answer["accepted"]
+            counts["duplicates"] += answer["duplicates"]
+            return True
 
-        await asyncio.gather(*(one(i) for i in range(n)))
-    ms = np.asarray(latencies) * 1000 if latencies else np.asarray([np.nan])
-    return {
-        "requests": n, "ok": len(latencies), "errors": sum(errors.values()), "error_kinds": errors, "retried": retried,
-        "accepted": accepted, "duplicates": duplicates,
-        "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
-    }
+        (rec_lat, rec_err), (ing_lat, ing_err) = await asyncio.gather(
+            _open_loop(rps, seconds, recommend), _open_loop(events_per_s / batch, seconds, ingest)
+        )
+    rec = {"sent": int(rps * seconds), "ok": len(rec_lat), "errors": sum(rec_err.values()), "error_kinds": rec_err, **_percentiles(rec_lat)}
+    ing = {"requests": int(events_per_s / batch * seconds), "ok": len(ing_lat), "errors": sum(ing_err.values()), "error_kinds": ing_err,
+           "retried": retried, **counts, **_percentiles(ing_lat)}
+    return rec, ing
 
 
-def _ingest_process(url, key, users, tracks, rate, batch, seconds, out) -> None:
-    out.put(asyncio.run(_ingest_loop(url, key, users, tracks, rate, batch, seconds)))
+def _load_process(args: tuple, out) -> None:
+    out.put(asyncio.run(_loads(*args)))
 
 
 # ------------------------------------------------------------------------ memory sampling
@@ -135,7 +166,8 @@ def rss_mb(pids: dict[int, str]) -> dict[str, float]:
 def memory_report(samples: list[tuple[float, dict[str, float]]], end_s: float) -> dict:
     """Per process: RSS after the warm-up, at the end, growth, and the slope (MB/min) of a
     least-squares line over the second half of the run."""
-    base_t, base = next((t, s) for t, s in samples if t >= WARMUP_S)
+    warmup = min(WARMUP_S, end_s / 4)  # short runs (a quick look) still get a baseline
+    base_t, base = next((t, s) for t, s in samples if t >= warmup)
     _, last = samples[-1]
     half = [(t, s) for t, s in samples if t >= end_s / 2]
     report = {}
@@ -209,20 +241,17 @@ def main() -> None:
         tracks = pd.read_parquet(args.state / "world" / "tracks.parquet")["track_id"].tolist()
 
         ctx = mp.get_context("spawn")
-        rec_q, ing_q = ctx.Queue(), ctx.Queue()
-        rec_url = f"{api}/v1/users/{{user}}/recommendations?k=20"
-        rec = ctx.Process(target=_load_process, args=("open", rec_url, users, args.rps, seconds, rec_q), kwargs={"headers": {"Authorization": f"Bearer {key}"}})
-        ing = ctx.Process(target=_ingest_process, args=(f"{api}/v1/events", key, users, tracks, args.events_per_s / args.batch, args.batch, seconds, ing_q))
+        results = ctx.Queue()
+        load = ctx.Process(target=_load_process, args=((api, key, users, tracks, args.rps, args.events_per_s, args.batch, seconds), results))
         pids = system_processes(redis_server.process.pid)
         samples: list[tuple[float, dict[str, float]]] = []
         exports: list[dict] = []
         export_failures = 0
         t0 = time.perf_counter()
-        rec.start()
-        ing.start()
+        load.start()
         print(f"soak: {args.minutes:g} min, {args.rps:g} req/s + {args.events_per_s:g} events/s; {len(pids)} processes watched", flush=True)
         next_export = EXPORT_EVERY_S
-        while rec.is_alive() or ing.is_alive():
+        while load.is_alive():
             elapsed = time.perf_counter() - t0
             samples.append((elapsed, rss_mb(pids)))
             if elapsed >= next_export:
@@ -233,12 +262,11 @@ def main() -> None:
                     export_failures += 1
                     print(f"  export failed after its retries: {exc}", flush=True)
                     continue
-                total = sum(samples[-1][1].values())
+                total = float(np.nansum(list(samples[-1][1].values())))
                 print(f"  {elapsed / 60:4.1f} min: system RSS {total:,.0f} MB, stream {exports[-1]['stream_length']:,} entries", flush=True)
             time.sleep(SAMPLE_EVERY_S if elapsed < seconds - SAMPLE_EVERY_S else 1.0)
-        rec_result, ing_result = rec_q.get(), ing_q.get()
-        rec.join()
-        ing.join()
+        rec_result, ing_result = results.get()
+        load.join()
         samples.append((time.perf_counter() - t0, rss_mb(pids)))
         ray.get([c.stop.remote() for c in consumers])
         consumer_stats = ray.get(followers)

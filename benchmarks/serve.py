@@ -157,6 +157,28 @@ def settings_args(state: Path, redis_url: str, world: dict) -> dict:
     }
 
 
+def start_redis(state: Path):
+    """The system's own append-only redis-server under `state`."""
+    from app.redis_server import EmbeddedRedis
+
+    state.mkdir(parents=True, exist_ok=True)
+    return EmbeddedRedis(state / "redis", appendonly=True).start()
+
+
+def start_local_serve(state: Path, redis_url: str) -> tuple[int, dict]:
+    """A local 2-CPU Ray with Serve on a free port (quiet logs, as in ray_config.yaml), and the
+    app args of the small benchmark world: (port, args)."""
+    import ray
+    from ray import serve
+
+    from app.redis_server import free_port
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING", "enable_access_log": False})
+    return port, settings_args(state, redis_url, {"n_users": 400, "n_tracks": 800, "n_artists": 80, "clip_seconds": 2.0})
+
+
 def prepare(args: dict, api: str, headers: dict | None = None) -> None:
     """Run the pipeline once (events in over HTTP, export, batch jobs, materialise) unless the
     state folder already holds its results."""
@@ -202,17 +224,11 @@ def main() -> None:
     import pandas as pd
     from ray import serve
 
-    from app.redis_server import EmbeddedRedis, free_port
     from deployments.app import build_app
 
-    args.state.mkdir(parents=True, exist_ok=True)
-    redis_server = EmbeddedRedis(args.state / "redis", appendonly=True)
-    redis_server.start()
+    redis_server = start_redis(args.state)
     try:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING", "enable_access_log": False})
-        app_args = settings_args(args.state, redis_server.url, {"n_users": 400, "n_tracks": 800, "n_artists": 80, "clip_seconds": 2.0})
+        port, app_args = start_local_serve(args.state, redis_server.url)
         serve.run(build_app(app_args), name="echotune", route_prefix="/")
         prepare(app_args, f"http://127.0.0.1:{port}")
         serve.run(bare_chain_app(), name="bare", route_prefix="/bare")

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from benchmarks.serve import prepare, settings_args  # noqa: E402
+from benchmarks.serve import prepare, start_local_serve, start_redis  # noqa: E402
 
 WARMUP_S = 60.0
 SAMPLE_EVERY_S = 15.0
@@ -202,20 +202,14 @@ def main() -> None:
     from app.config import settings_from_args
     from app.events.auth import ApiKeyStore
     from app.keys import Keys
-    from app.redis_server import EmbeddedRedis, free_port
     from deployments.app import build_app
     from jobs.consume_events import ConsumerActor
     from jobs.export_events import export_events
 
     seconds = args.minutes * 60
-    args.state.mkdir(parents=True, exist_ok=True)
-    redis_server = EmbeddedRedis(args.state / "redis", appendonly=True)
-    redis_server.start()
+    redis_server = start_redis(args.state)
     try:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING", "enable_access_log": False})
-        app_args = settings_args(args.state, redis_server.url, {"n_users": 400, "n_tracks": 800, "n_artists": 80, "clip_seconds": 2.0})
+        port, app_args = start_local_serve(args.state, redis_server.url)
         app_args["auth"] = {"enabled": True}
         # One key drives each load; the per-key buckets must admit the soak's own rates.
         app_args["rate_limit"] = {"read": {"rate_per_s": 4 * args.rps, "burst": 8 * int(args.rps)},

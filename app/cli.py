@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         from app.keys import Keys
         from app.redis_server import connect, migrate_legacy_keys
 
-        print(f"migrated {migrate_legacy_keys(connect(settings), Keys(settings.redis.key_prefix))} keys")
+        print(f"migrated {migrate_legacy_keys(connect(settings), Keys(settings.redis.key_prefix), settings.gateway.dedup_window_s)} keys")
     else:
         from app.redis_server import stop_registered
 

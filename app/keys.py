@@ -7,7 +7,7 @@ splits them by node), so keys read or written together in one pipeline (entity r
 keys used one at a time (rate buckets, API keys) stay untagged and spread over the cluster. Only what must run atomically on one
 node shares a tag:
 
-- `{events}`: the ingest path. The append script (dedup marker + session state + XADD) and the
+- `{events}`: the ingest path. The append script (dedup buckets + session state + XADD) and the
   consumer's apply script (pending check + recent plays + track counters + XACK) touch keys
   derived from prefixes inside one Lua call, and the dead-letter script XACKs the stream and
   XADDs the dead-letter stream. So the stream, the dead-letter stream and these keys live in
@@ -49,8 +49,14 @@ class Keys:
     prefix: str = "echotune"
 
     def dedup(self) -> str:
-        """Prefix of the per-event idempotency markers."""
-        return f"{self.prefix}:{{{INGEST_TAG}}}:seen-event:"
+        """Prefix of the idempotency marker hashes, one per bucket of arrival time
+        (app/events/stream.py)."""
+        return f"{self.prefix}:{{{INGEST_TAG}}}:dedup:"
+
+    def legacy_dedup_markers(self) -> list[str]:
+        """SCAN patterns of the one-key-per-event markers older EchoTunes wrote (untagged,
+        then tagged); `echotune redis migrate-keys` folds them into the current bucket."""
+        return [f"{self.prefix}:seen-event:*", f"{self.prefix}:{{{INGEST_TAG}}}:seen-event:*"]
 
     def export_cursor(self) -> str:
         return f"{self.prefix}:{{export}}:cursor"
@@ -142,7 +148,6 @@ class Keys:
 
         p = self.prefix
         return [
-            under(f"{p}:seen-event:", lambda rest: self.dedup() + rest),
             under(f"{p}:session:", lambda rest: self.session_state() + rest),
             under(f"{p}:online:recent:", self.recent_plays),
             under(f"{p}:online:track:", self.track_counters),

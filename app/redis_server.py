@@ -294,11 +294,14 @@ def connect(settings: Settings, url: str | None = None) -> redis.Redis | RedisCl
     return client_from_url(url or resolve_redis_url(settings), settings.redis.socket_timeout_s)
 
 
-def migrate_legacy_keys(client: redis.Redis, keys: Keys) -> int:
+def migrate_legacy_keys(client: redis.Redis, keys: Keys, dedup_window_s: float) -> int:
     """Rename keys an older EchoTune wrote before the hash-tagged layout (a single server only:
-    a cluster never held them). RENAMENX keeps each TTL and never overwrites a key the current
-    code already wrote; running it again moves nothing. Returns how many keys moved."""
-    moved = 0
+    a cluster never held them), and fold its per-event dedup markers into the bucketed ones.
+    RENAMENX keeps each TTL and never overwrites a key the current code already wrote; running
+    it again moves nothing. Returns how many keys moved."""
+    from app.events.stream import fold_legacy_markers
+
+    moved = fold_legacy_markers(client, keys.dedup(), keys.legacy_dedup_markers(), dedup_window_s)
     for pattern, new_name in keys.legacy_renames():
         for raw in client.scan_iter(match=pattern, count=1000):
             old = raw.decode()

@@ -236,7 +236,7 @@ def demo(config: str) -> None:
         from app.keys import Keys
         from app.redis_server import connect, migrate_legacy_keys
 
-        migrate_legacy_keys(connect(settings), Keys(settings.redis.key_prefix))
+        migrate_legacy_keys(connect(settings), Keys(settings.redis.key_prefix), settings.gateway.dedup_window_s)
     try:
         start_ray(settings)
         world = ensure_world(settings)

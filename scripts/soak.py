@@ -38,6 +38,7 @@ from benchmarks.serve import prepare, start_local_serve, start_redis  # noqa: E4
 WARMUP_S = 60.0
 SAMPLE_EVERY_S = 15.0
 EXPORT_EVERY_S = 60.0
+REDIS_USED = "redis used_memory (data, not a process)"
 MAX_RETRIES = 5
 """Resends of a batch answered 503/429 (Retry-After honoured) before it counts as an error."""
 
@@ -189,6 +190,10 @@ def main() -> None:
     parser.add_argument("--rps", type=float, default=50.0, help="Recommendation requests per second.")
     parser.add_argument("--events-per-s", type=float, default=1000.0)
     parser.add_argument("--batch", type=int, default=100, help="Events per POST.")
+    parser.add_argument("--dedup-window-s", type=int, default=None,
+                        help="gateway.dedup_window_s (default: the configured day). Redis holds one "
+                             "marker per event accepted in the window, so its memory levels off once the "
+                             "soak outlasts the window: a short one shows that inside a 10-minute run.")
     parser.add_argument("--state", type=Path, default=Path(tempfile.gettempdir()) / "echotune-soak")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -211,6 +216,8 @@ def main() -> None:
     try:
         port, app_args = start_local_serve(args.state, redis_server.url)
         app_args["auth"] = {"enabled": True}
+        if args.dedup_window_s:
+            app_args.setdefault("gateway", {})["dedup_window_s"] = args.dedup_window_s
         # One key drives each load; the per-key buckets must admit the soak's own rates.
         app_args["rate_limit"] = {"read": {"rate_per_s": 4 * args.rps, "burst": 8 * int(args.rps)},
                                   "ingest": {"rate_per_s": 400.0, "burst": 800}}
@@ -231,6 +238,11 @@ def main() -> None:
 
         consumers = [ConsumerActor.options(max_concurrency=2).remote(settings, f"soak-{i}") for i in range(settings.consumer.consumers)]
         followers = [c.follow.remote() for c in consumers]
+        # Start from a steady state: on a fresh state folder the consumers first apply the
+        # preparation's events, and an open-loop load started on top of that catch-up queues
+        # behind it and (at this rate, near what 2 cores serve) never drains. Found by the soak.
+        caught_up = _wait_caught_up(client, settings, timeout_s=300.0)
+        print(f"consumers caught up with the preparation's events in {caught_up:.0f} s", flush=True)
         users = pd.read_parquet(args.state / "world" / "users.parquet")["user_id"].tolist()
         tracks = pd.read_parquet(args.state / "world" / "tracks.parquet")["track_id"].tolist()
 
@@ -247,7 +259,7 @@ def main() -> None:
         next_export = EXPORT_EVERY_S
         while load.is_alive():
             elapsed = time.perf_counter() - t0
-            samples.append((elapsed, rss_mb(pids)))
+            samples.append((elapsed, {**rss_mb(pids), REDIS_USED: _redis_memory(client)["used_mb"]}))
             if elapsed >= next_export:
                 next_export += EXPORT_EVERY_S
                 try:
@@ -256,12 +268,12 @@ def main() -> None:
                     export_failures += 1
                     print(f"  export failed after its retries: {exc}", flush=True)
                     continue
-                total = float(np.nansum(list(samples[-1][1].values())))
+                total = float(np.nansum([mb for name, mb in samples[-1][1].items() if name != REDIS_USED]))
                 print(f"  {elapsed / 60:4.1f} min: system RSS {total:,.0f} MB, stream {exports[-1]['stream_length']:,} entries", flush=True)
             time.sleep(SAMPLE_EVERY_S if elapsed < seconds - SAMPLE_EVERY_S else 1.0)
         rec_result, ing_result = results.get()
         load.join()
-        samples.append((time.perf_counter() - t0, rss_mb(pids)))
+        samples.append((time.perf_counter() - t0, {**rss_mb(pids), REDIS_USED: _redis_memory(client)["used_mb"]}))
         ray.get([c.stop.remote() for c in consumers])
         consumer_stats = ray.get(followers)
         exports.append(export_events(settings))
@@ -286,11 +298,13 @@ def main() -> None:
           f"dead letters {dead_letters}")
     print(f"consumers applied {sum(s['applied'] for s in consumer_stats):,} events")
     print(f"redis: {redis_before['keys']:,} keys, {redis_before['used_mb']:.1f} MB used -> {redis_after['keys']:,} keys, "
-          f"{redis_after['used_mb']:.1f} MB (dedup markers live gateway.dedup_window_s; sessions and recent plays per user)\n")
+          f"{redis_after['used_mb']:.1f} MB (dedup markers live gateway.dedup_window_s = {settings.gateway.dedup_window_s:,} s; "
+          "sessions and recent plays per user)\n")
     print(f"{'process':<44} {'start MB':>9} {'end MB':>9} {'growth':>8} {'MB/min (2nd half)':>18}")
     for name, m in sorted(memory.items(), key=lambda kv: -kv[1]["end_mb"]):
         print(f"{name:<44} {m['start_mb']:>9.1f} {m['end_mb']:>9.1f} {m['growth_pct']:>7.1f}% {m['slope_mb_per_min']:>18.2f}")
-    growth = [m["growth_pct"] for m in memory.values() if np.isfinite(m["growth_pct"])]
+    processes = {name: m for name, m in memory.items() if name != REDIS_USED}
+    growth = [m["growth_pct"] for m in processes.values() if np.isfinite(m["growth_pct"])]
     summary = {
         "minutes": args.minutes,
         "rps": args.rps,
@@ -306,12 +320,29 @@ def main() -> None:
         "export_failures": export_failures,
         "errors": rec_result["errors"] + ing_result["errors"] + export_failures,
         "max_rss_growth_pct": max(growth),
-        "system_rss_start_mb": round(sum(m["start_mb"] for m in memory.values()), 1),
+        "system_rss_start_mb": round(sum(m["start_mb"] for m in processes.values()), 1),
         "redis_keys_start": redis_before["keys"],
         "redis_keys_end": redis_after["keys"],
-        "system_rss_end_mb": round(sum(m["end_mb"] for m in memory.values() if np.isfinite(m["end_mb"])), 1),
+        "system_rss_end_mb": round(sum(m["end_mb"] for m in processes.values() if np.isfinite(m["end_mb"])), 1),
+        "dedup_window_s": settings.gateway.dedup_window_s,
+        "redis_used_mb_start": round(memory[REDIS_USED]["start_mb"], 1),
+        "redis_used_mb_end": round(memory[REDIS_USED]["end_mb"], 1),
+        "redis_used_slope_mb_per_min": memory[REDIS_USED]["slope_mb_per_min"],
     }
     print(json.dumps(summary))
+
+
+def _wait_caught_up(client, settings, timeout_s: float) -> float:
+    """Seconds until the consumer group has nothing undelivered and nothing pending."""
+    from deployments.metrics import stream_health
+
+    start = time.perf_counter()
+    while time.perf_counter() - start < timeout_s:
+        group = stream_health(client, settings.redis.stream_key, settings.redis.dead_letter_key)["groups"].get(settings.consumer.group)
+        if group is not None and group["lag"] == 0 and group["pending"] == 0:
+            break
+        time.sleep(1.0)
+    return time.perf_counter() - start
 
 
 def _redis_memory(client) -> dict:

@@ -97,6 +97,29 @@ def test_reused_event_id_with_other_content_is_a_conflict_not_stored(redis_clien
     assert stream.length() == 1
 
 
+def test_dedup_remembers_an_id_for_its_window_in_a_few_expiring_buckets(redis_client):
+    """Memory stays bounded under sustained ingest: markers live in at most DEDUP_BUCKETS + 1
+    bucket hashes, each gone a window (plus one bucket) after it closes; after that a resend
+    is a new event again."""
+    import time
+
+    from app.events.stream import DEDUP_BUCKETS, AppendStatus, dedup_bucket_ms
+
+    stream = EventStream(redis_client, "s", "dedup:", dedup_window_s=1)
+    (a,) = parse_events(event(), GatewaySettings(), NOW)
+    assert stream.append(pending([a]))[0].status is AppendStatus.accepted
+    for _ in range(3):
+        stream.append(pending(parse_events({"events": [event() for _ in range(50)]}, GatewaySettings(), NOW)))
+        assert stream.append(pending([a]))[0].status is AppendStatus.duplicate
+        time.sleep(0.2)
+    buckets = redis_client.keys("dedup:*")
+    assert 1 <= len(buckets) <= DEDUP_BUCKETS + 1
+    assert all(0 < redis_client.pttl(b) <= 1000 + dedup_bucket_ms(1) for b in buckets)
+    time.sleep(1.3)
+    assert redis_client.keys("dedup:*") == []
+    assert stream.append(pending([a]))[0].status is AppendStatus.accepted
+
+
 def test_stream_reads_in_chunks_after_a_cursor(redis_client):
     stream = EventStream(redis_client, "s", "dedup:")
     events = parse_events({"events": [event() for _ in range(5)]}, GatewaySettings(), NOW)

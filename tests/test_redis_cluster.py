@@ -189,12 +189,19 @@ def test_a_single_server_from_before_the_tagged_layout_keeps_its_data(redis_serv
     keys, p = Keys("mig"), "mig"
     client.hset(f"{p}:push:subs:u1", "d1", "{}")
     client.hset(f"{p}:online:track:t1", "play", 3)
-    client.set(f"{p}:seen-event:e1", "fp", ex=600)
+    (old,) = parse_events(event(), GatewaySettings(), NOW)
+    (reused,) = parse_events(event(event_id=str(old.event_id), track_id="t2"), GatewaySettings(), NOW)
+    (old_pending,) = pending([old])
+    # an older EchoTune kept one key per event holding the whole sha1 in hex; its first 8
+    # bytes are today's fingerprint
+    client.set(f"{p}:seen-event:{old.event_id}", old_pending.fingerprint.hex() + "0" * 24, ex=600)
     client.set(f"{p}:export:cursor", "5-0")
     client.set(keys.push_profile("u2"), "already new")
     client.set(f"{p}:push:profile:u2", "stale old")
-    assert migrate_legacy_keys(client, keys) == 4
+    assert migrate_legacy_keys(client, keys, dedup_window_s=600) == 4
     assert client.hgetall(keys.push_subscriptions("u1")) == {b"d1": b"{}"} and client.hget(keys.track_counters("t1"), "play") == b"3"
-    assert 0 < client.ttl(keys.dedup() + "e1") <= 600 and client.get(keys.export_cursor()) == b"5-0"
+    assert client.get(keys.export_cursor()) == b"5-0"
+    stream = EventStream(client, f"{p}:stream", keys.dedup(), dedup_window_s=600)
+    assert [r.status for r in stream.append(pending([old, reused]))] == [AppendStatus.duplicate, AppendStatus.conflict], "accepted before the upgrade, still known"
     assert client.get(keys.push_profile("u2")) == b"already new", "never overwrites what new code wrote"
-    assert migrate_legacy_keys(client, keys) == 0
+    assert migrate_legacy_keys(client, keys, dedup_window_s=600) == 0

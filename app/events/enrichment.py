@@ -104,9 +104,11 @@ _OPTIONAL_FIELDS = tuple(f for f in Event.model_fields if f not in _CORE_FIELDS 
 
 @dataclass(frozen=True)
 class Enriched:
-    fingerprint: str
-    """sha1 of what the client said happened, so a retry (same id, same content) is a
-    duplicate and a reused id with different content is rejected, not silently dropped."""
+    fingerprint: bytes
+    """The first 8 bytes of the sha1 of what the client said happened, so a retry (same id,
+    same content) is a duplicate and a reused id with different content is rejected, not
+    silently dropped. 64 bits keep the dedup marker small; a reused id slips through as a
+    duplicate only on a 2^-64 collision."""
     document: dict
     """The stored document, minus `session_id` (added atomically at append)."""
     json: str
@@ -152,4 +154,4 @@ def enrich(event: Event, ctx: RequestContext) -> Enriched:
         tail = ctx.extra_json  # the common case: the request's own context
     else:
         tail = _extra_json(ctx.received_at_ms, device, locale)
-    return Enriched(fingerprint=hashlib.sha1(core.encode()).hexdigest(), document=doc, json=core[:-1] + tail)
+    return Enriched(fingerprint=hashlib.sha1(core.encode()).digest()[:8], document=doc, json=core[:-1] + tail)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import uuid
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Iterable, Iterator
@@ -21,26 +23,47 @@ from app.keys import Keys
 
 log = logging.getLogger(__name__)
 
-# KEYS[1] = stream. ARGV[1..5] = dedup prefix, dedup ttl (s), session prefix, session gap (ms),
-# session state ttl (s); then per event: event_id, fingerprint, user_id, timestamp ms, and the
-# event's JSON without its closing brace (the script appends the session id and the brace).
+# KEYS[1] = stream. ARGV[1..6] = dedup bucket prefix, bucket length (ms), dedup window (ms),
+# session prefix, session gap (ms), session state ttl (s); then per event: event_id (16 UUID
+# bytes), fingerprint (8 bytes), user_id, timestamp ms, and the event's JSON without its closing
+# brace (the script appends the session id and the brace).
 # Returns per event a (status, stream id) pair: 1 accepted, 0 duplicate, -1 id reused for a
 # different event. Dedup, sessionisation and XADD are one atomic step: a retried event never
 # moves a session, and two replicas never both accept the same id. The keys built from the
 # prefixes share the stream's `{events}` hash tag (app/keys.py): one slot on a Redis Cluster.
+#
+# Dedup markers live in hashes, one per bucket of arrival time on Redis's own clock (one clock
+# for every gateway replica, so no skew can hide a marker): an event is a duplicate if any
+# bucket still covering the window holds its id. A bucket expires one window after it closes,
+# so an id is remembered for at least the window and at most a bucket longer. Compared with one
+# key per event (213 bytes each measured, key object plus expiry entry), a binary hash field
+# costs 85: the window's memory is what bounds Redis under sustained ingest.
 _APPEND = """
 local out = {}
-local dprefix, dttl, sprefix, gap, sttl = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
-for i = 6, #ARGV, 5 do
+local dprefix, bucket, window = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local sprefix, gap, sttl = ARGV[4], tonumber(ARGV[5]), tonumber(ARGV[6])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local newest = math.floor(now / bucket)
+local oldest = math.floor((now - window) / bucket)
+local current = dprefix .. string.format('%.0f', newest)
+local added = false
+for i = 7, #ARGV, 5 do
   local id, fp, user, ts_s, head = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
   local skey = sprefix .. user
-  -- Read first: a read that fails (a session key of the wrong type) leaves nothing half-done,
-  -- while the event's first write, SET NX, is also its dedup check (one call, not GET + SET).
+  -- Read first: a read that fails (a session key of the wrong type) leaves nothing half-done.
   local state = redis.call('HMGET', skey, 'sid', 'last')
-  if not redis.call('SET', dprefix .. id, fp, 'NX', 'EX', dttl) then
-    out[#out + 1] = (redis.call('GET', dprefix .. id) == fp) and 0 or -1
+  local seen = false
+  for b = newest, oldest, -1 do
+    seen = redis.call('HGET', dprefix .. string.format('%.0f', b), id)
+    if seen then break end
+  end
+  if seen then
+    out[#out + 1] = (seen == fp) and 0 or -1
     out[#out + 1] = ''
   else
+    redis.call('HSET', current, id, fp)
+    added = true
     local ts = tonumber(ts_s)
     local sid, last = state[1], tonumber(state[2])
     if sid and last and ts >= last - gap and ts <= last + gap then
@@ -59,6 +82,9 @@ for i = 6, #ARGV, 5 do
     out[#out + 1] = 1
     out[#out + 1] = redis.call('XADD', KEYS[1], '*', 'e', head .. ',"session_id":"' .. sid .. '"}')
   end
+end
+if added then
+  redis.call('PEXPIREAT', current, string.format('%.0f', (newest + 1) * bucket + window))
 end
 return out
 """
@@ -83,7 +109,8 @@ class PendingEvent:
     event_id: str
     user_id: str
     timestamp_ms: int
-    fingerprint: str
+    fingerprint: bytes
+    """8 bytes of the sha1 of what the client said happened (app/events/enrichment.py)."""
     document_json: str
     """The stored JSON object (without session_id, which the append script adds)."""
 
@@ -107,20 +134,29 @@ def decode_entry(entry_id: bytes | str, fields: dict) -> StreamEntry:
     return StreamEntry(id=entry_id.decode() if isinstance(entry_id, bytes) else entry_id, event=event, raw=raw)
 
 
+DEDUP_BUCKETS = 4
+"""Buckets per dedup window. More buckets hold the window more tightly (memory up to 1/n over
+it) but cost one more HGET per event in the append script."""
+
+
+def dedup_bucket_ms(window_s: float) -> int:
+    return max(1, math.ceil(window_s * 1000 / DEDUP_BUCKETS))
+
+
 class EventStream:
     def __init__(
         self,
         client: redis.Redis,
         key: str,
         dedup_prefix: str,
-        dedup_ttl_s: int = 7 * 24 * 3600,
+        dedup_window_s: int = 7 * 24 * 3600,
         session_prefix: str = "session:",
         session_gap_s: float = 1800.0,
     ):
         self.client = client
         self.key = key
         self.dedup_prefix = dedup_prefix
-        self.dedup_ttl_s = dedup_ttl_s
+        self.dedup_window_s = dedup_window_s
         self.session_prefix = session_prefix
         self.session_gap_ms = int(session_gap_s * 1000)
         # Session state outlives the gap so late uploads from an offline client still join.
@@ -134,7 +170,7 @@ class EventStream:
             client,
             settings.redis.stream_key,
             keys.dedup(),
-            dedup_ttl_s=settings.gateway.dedup_window_s,
+            dedup_window_s=settings.gateway.dedup_window_s,
             session_prefix=keys.session_state(),
             session_gap_s=settings.gateway.session_gap_s,
         )
@@ -144,9 +180,12 @@ class EventStream:
         the caller answers 503 and nothing is acknowledged that is not in the stream."""
         if not events:
             return []
-        argv: list[str | int] = [self.dedup_prefix, self.dedup_ttl_s, self.session_prefix, self.session_gap_ms, self.session_ttl_s]
+        argv: list[str | int | bytes] = [
+            self.dedup_prefix, dedup_bucket_ms(self.dedup_window_s), self.dedup_window_s * 1000,
+            self.session_prefix, self.session_gap_ms, self.session_ttl_s,
+        ]  # fmt: skip
         for e in events:
-            argv += [e.event_id, e.fingerprint, e.user_id, e.timestamp_ms, e.document_json[:-1]]
+            argv += [uuid.UUID(e.event_id).bytes, e.fingerprint, e.user_id, e.timestamp_ms, e.document_json[:-1]]
         flat = self._append(keys=[self.key], args=argv)
         return [
             AppendResult(AppendStatus(int(flat[i])), flat[i + 1].decode() if flat[i + 1] else None)
@@ -183,6 +222,33 @@ class EventStream:
 
     def length(self) -> int:
         return int(self.client.xlen(self.key))
+
+
+def fold_legacy_markers(client: redis.Redis, bucket_prefix: str, patterns: list[str], window_s: float) -> int:
+    """Move per-event markers an older EchoTune wrote (one key each, sha1 hex as value) into the
+    current bucket, so a retry of an event accepted before the upgrade is still a duplicate.
+    The bucket remembers them a whole window, which is at least what their own TTL had left
+    unless the window was shortened. Returns how many moved."""
+    bucket_ms = dedup_bucket_ms(window_s)
+    seconds, micros = client.time()
+    newest = (seconds * 1000 + micros // 1000) // bucket_ms
+    current = f"{bucket_prefix}{newest}"
+    moved = 0
+    for pattern in patterns:
+        for raw in client.scan_iter(match=pattern, count=1000):
+            try:
+                field = uuid.UUID(raw.decode()[len(pattern) - 1 :]).bytes
+            except ValueError:
+                log.warning("not folding %r: not a UUID event id", raw)
+                continue
+            fingerprint = client.get(raw)
+            client.hsetnx(current, field, bytes.fromhex(fingerprint.decode())[:8] if fingerprint else b"")
+            client.delete(raw)
+            moved += 1
+    if moved:
+        client.pexpireat(current, (newest + 1) * bucket_ms + int(window_s * 1000))
+        log.info("folded %d per-event dedup markers into %s", moved, current)
+    return moved
 
 
 def _parse_id(entry_id: str) -> tuple[int, int]:

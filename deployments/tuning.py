@@ -13,6 +13,7 @@ import logging
 from app.artifacts import ArtifactStore
 from app.config import ServingSettings, Settings
 from app.models import ModelCache
+from deployments.runtime import settle_heap
 
 log = logging.getLogger("ray.serve")
 
@@ -40,3 +41,4 @@ class ModelServing(Tunable):
     def __init__(self, settings: Settings):
         super().__init__(settings)
         self.models = ModelCache(ArtifactStore(settings.paths.artifacts_dir), settings.serving.reload_interval_s)
+        settle_heap()  # the subclasses that set up more call it again at their end (cheap then)

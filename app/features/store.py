@@ -4,7 +4,7 @@ Writes are pipelined and non-transactional (as Feast's Redis store does): materi
 writes a fresh namespace nobody reads yet, so only the switch has to be atomic. The switch is
 one SET of the alias, whose value carries the namespace *and* the registry it was written
 with, so a reader learns both in one GET and always decodes with the matching view versions.
-Reads of any number of entities across views, plus ranked lists, go out as one pipeline.
+Reads of any number of entities across views, plus ranked lists, go out in one round trip.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import redis
 
 from app.features.registry import FeatureView, Registry
 from app.keys import Keys
+from app.redis_wire import as_dict, as_scored, pack, raw_replies, supports_raw
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,8 @@ class RedisOnlineStore(OnlineStore):
         self.client = client
         self.keys = keys
         self.write_batch = write_batch
+        self._raw = supports_raw(client)
+        """Reads skip redis-py's per-command pipeline work on a single server (app/redis_wire.py)."""
 
     def write(self, namespace, view, rows) -> int:
         pipe = self.client.pipeline(transaction=False)
@@ -137,17 +140,12 @@ class RedisOnlineStore(OnlineStore):
 
     def read(self, namespace, requests, rankings=(), live=()):
         rankings, live = list(rankings), list(live)
-        pipe = self.client.pipeline(transaction=False)
-        for view, entity_id in requests:
-            pipe.hgetall(self.keys.feature_hash(namespace, view.key, entity_id))
-        for name, n in rankings:
-            pipe.zrevrange(self.keys.ranking(namespace, name), 0, n - 1, withscores=True)
-        for item in live:
-            if item.kind == "list":
-                pipe.lrange(item.key, 0, item.n - 1)
-            else:
-                pipe.hgetall(item.key)
-        results = pipe.execute()
+        hashes = [self.keys.feature_hash(namespace, view.key, entity_id) for view, entity_id in requests]
+        ranking_keys = [(self.keys.ranking(namespace, name), n) for name, n in rankings]
+        if self._raw:
+            results = self._read_raw(hashes, ranking_keys, live)
+        else:
+            results = self._read_pipelined(hashes, ranking_keys, live)
         rows = [view.decode(raw) if raw else None for (view, _), raw in zip(requests, results)]
         end = len(requests) + len(rankings)
         ranked = [[(m.decode(), float(s)) for m, s in r] for r in results[len(requests):end]]
@@ -156,6 +154,34 @@ class RedisOnlineStore(OnlineStore):
             for item, raw in zip(live, results[end:])
         ]
         return StoreRead(rows, ranked, lives)
+
+    def _read_pipelined(self, hashes, ranking_keys, live) -> list:
+        pipe = self.client.pipeline(transaction=False)
+        for key in hashes:
+            pipe.hgetall(key)
+        for key, n in ranking_keys:
+            pipe.zrevrange(key, 0, n - 1, withscores=True)
+        for item in live:
+            if item.kind == "list":
+                pipe.lrange(item.key, 0, item.n - 1)
+            else:
+                pipe.hgetall(item.key)
+        return pipe.execute()
+
+    def _read_raw(self, hashes, ranking_keys, live) -> list:
+        """The same reads through app/redis_wire.py, shaped as the pipeline's callbacks would."""
+        commands = [pack(b"HGETALL", key.encode()) for key in hashes]
+        commands += [pack(b"ZREVRANGE", key.encode(), b"0", b"%d" % (n - 1), b"WITHSCORES") for key, n in ranking_keys]
+        commands += [
+            pack(b"LRANGE", item.key.encode(), b"0", b"%d" % (item.n - 1)) if item.kind == "list" else pack(b"HGETALL", item.key.encode())
+            for item in live
+        ]
+        replies = raw_replies(self.client, commands)
+        n_hashes, n_ranked = len(hashes), len(ranking_keys)
+        out = [as_dict(r) for r in replies[:n_hashes]]
+        out += [as_scored(r) for r in replies[n_hashes : n_hashes + n_ranked]]
+        out += [r if item.kind == "list" else as_dict(r) for item, r in zip(live, replies[n_hashes + n_ranked :])]
+        return out
 
     def current(self) -> Published | None:
         value = self.client.get(self.keys.feature_alias())

@@ -173,6 +173,9 @@ def start_local_serve(state: Path, redis_url: str) -> tuple[int, dict]:
 
     from app.redis_server import free_port
 
+    # As the demo and ray_config.yaml do: at most 2 malloc arenas per process (every process
+    # of this local cluster inherits the driver's environment).
+    os.environ.setdefault("MALLOC_ARENA_MAX", "2")
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING", "enable_access_log": False})

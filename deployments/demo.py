@@ -38,6 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = "http://127.0.0.1:8265"
 METRICS_PORT = 8080  # Ray's default, spelled out so the printed URL is the real one
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# The cluster's own long-lived processes (proxy, controller, consumers) get the malloc arena
+# cap the Serve application sets for its replicas (ray_config.yaml, runtime_env).
+os.environ.setdefault("MALLOC_ARENA_MAX", "2")
 # Processes started by `ray start` (and so the drivers of submitted jobs) inherit this PATH:
 # `ray job submit -- python -m jobs.x` then runs this environment's python, with EchoTune.
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"

@@ -75,9 +75,10 @@ AUDIO_FEATURE_NAMES: list[str] = (
 AUDIO_FEATURE_VERSION = 3
 """Bumped whenever a feature's definition changes (2: chroma from a cached 6-octave constant-Q
 kernel instead of librosa's 7-octave chroma_cqt; 3: decoded, downmixed and resampled by
-FFmpeg instead of libsndfile + soxr, which moves every feature slightly). The content manifest records it, and cold
-start refuses an artifact of another version: its scaler and PCA were fitted on features
-defined differently, so a new track would not get the vector the batch job would give it."""
+FFmpeg instead of libsndfile + soxr, which moves every feature slightly). The content
+manifest records it, and cold start refuses an artifact of another version: its scaler and
+PCA were fitted on features defined differently, so a new track would not get the vector the
+batch job would give it."""
 AUDIO_FEATURE_DEFINITION = {
     "stft": {"n_fft": N_FFT, "hop_length": HOP, "window": "hann"},
     "mfcc": {"n_mfcc": N_MFCC, "n_mels": 128},
@@ -346,9 +347,9 @@ def decode_audio(uri: str, sr: int, max_seconds: float) -> DecodedAudio:
     """Decode at most `max_seconds` from the start, downmix any channel count to mono, resample
     any rate to `sr`.
 
-    FFmpeg (through PyAV) decodes, downmixes and resamples in one pass: its Opus decoder takes
-    half the CPU libsndfile's did on the labelled clips (decoding was the larger half of the
-    per-clip cost), and it reads AAC/M4A, which libsndfile cannot. Its downmix follows the
+    FFmpeg (through PyAV) decodes, downmixes and resamples in one pass: 68 ms of CPU per 30 s
+    Opus clip against 234 ms for libsndfile + soxr (benchmarks/audio.py; decoding had been the
+    larger part of the per-clip cost), and it reads AAC/M4A, which libsndfile cannot. Its downmix follows the
     -3 dB pan law (each of two channels at 1/sqrt(2)), so power, not amplitude, is kept: the
     level features are consistent across the catalogue either way. Decoding stops once the
     window is full, so a two-hour track costs what its first window costs. Every failure is a
@@ -382,9 +383,9 @@ def decode_audio(uri: str, sr: int, max_seconds: float) -> DecodedAudio:
                     break
             else:
                 chunks += [out.to_ndarray()[0] for out in resampler.resample(None)]
+    except TrackAudioError:
+        raise
     except (av.FFmpegError, OSError, ValueError, RuntimeError) as exc:
-        if isinstance(exc, TrackAudioError):
-            raise
         raise TrackAudioError("undecodable", f"cannot decode audio {uri}: {exc}") from exc
     y = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.float32)
     if y.size == 0:

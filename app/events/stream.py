@@ -149,7 +149,7 @@ class EventStream:
         client: redis.Redis,
         key: str,
         dedup_prefix: str,
-        dedup_window_s: int = 7 * 24 * 3600,
+        dedup_window_s: int = 24 * 3600,
         session_prefix: str = "session:",
         session_gap_s: float = 1800.0,
     ):

@@ -284,6 +284,7 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # Ray's workers default to nice 15; the generator and redis-server here run at nice 0.
     os.environ.setdefault("RAY_worker_niceness", "0")
+    os.environ.setdefault("MALLOC_ARENA_MAX", "2")  # as deployed (ray_config.yaml runtime_env)
     import ray
     import redis
     from fastapi import FastAPI, Request
@@ -391,6 +392,7 @@ def main() -> None:
         "meets_targets": sorted(meeting),
         "batch": BATCH,
         "worker_niceness": os.environ["RAY_worker_niceness"],
+        "malloc_arena_max": os.environ["MALLOC_ARENA_MAX"],
         "aof_rewrites": aof_rewrites,
         "load_avg_1m": {"start": round(load_at_start, 1), "end": round(os.getloadavg()[0], 1)},
         "variants": results,

@@ -93,9 +93,15 @@ def export_pending(client, settings: Settings) -> tuple[bool, str]:
 
 
 def batch_fingerprints(settings: Settings, events_fp: str) -> dict[str, str]:
+    from training.content import AUDIO_FEATURE_VERSION  # here: librosa is slow to import
+
     catalogue = settings.content.catalog_path or settings.paths.world_dir / "tracks.parquet"
     return {
-        "content": fingerprint("content", events_fp, file_digest(catalogue), settings.content.model_dump(mode="json")),
+        # The feature version too: features defined differently need a new artifact, which
+        # cold start insists on (training/cold_start.py), even when no input changed.
+        "content": fingerprint(
+            "content", events_fp, file_digest(catalogue), settings.content.model_dump(mode="json"), AUDIO_FEATURE_VERSION
+        ),
         "cf": fingerprint("cf", events_fp, settings.cf.model_dump(mode="json")),
         "trending": fingerprint(
             "trending", events_fp, file_digest(settings.paths.world_dir / "tracks.parquet"), settings.trending.model_dump(mode="json")

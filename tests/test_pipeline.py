@@ -132,6 +132,19 @@ def test_failed_stage_leaves_previous_versions_serving(first_run):
     assert manifest["outcome"] == "failed"
 
 
+def test_a_new_audio_feature_definition_reruns_only_the_content_job(first_run, monkeypatch):
+    """An upgrade that redefines the audio features must rebuild the content artifact even
+    though no input changed: cold start refuses an artifact of another feature version."""
+    import training.content
+    from jobs.pipeline import batch_fingerprints
+
+    before = batch_fingerprints(first_run["settings"], "events")
+    monkeypatch.setattr(training.content, "AUDIO_FEATURE_VERSION", training.content.AUDIO_FEATURE_VERSION + 1)
+    after = batch_fingerprints(first_run["settings"], "events")
+    assert after["content"] != before["content"]
+    assert (after["cf"], after["trending"]) == (before["cf"], before["trending"])
+
+
 def test_trending_flag_off_skips_the_trending_job(first_run):
     """Runs last: stub jobs (no training time) stand in for the others; only the decision
     about trending is under test."""

@@ -195,13 +195,18 @@ def test_a_single_server_from_before_the_tagged_layout_keeps_its_data(redis_serv
     # an older EchoTune kept one key per event holding the whole sha1 in hex; its first 8
     # bytes are today's fingerprint
     client.set(f"{p}:seen-event:{old.event_id}", old_pending.fingerprint.hex() + "0" * 24, ex=600)
+    # and before fingerprints, just "1": seen, content unknown (the demo's own state had 22,466)
+    (older,) = parse_events(event(), GatewaySettings(), NOW)
+    client.set(f"{p}:{{events}}:seen-event:{older.event_id}", "1", ex=600)
     client.set(f"{p}:export:cursor", "5-0")
     client.set(keys.push_profile("u2"), "already new")
     client.set(f"{p}:push:profile:u2", "stale old")
-    assert migrate_legacy_keys(client, keys, dedup_window_s=600) == 4
+    assert migrate_legacy_keys(client, keys, dedup_window_s=600) == 5
     assert client.hgetall(keys.push_subscriptions("u1")) == {b"d1": b"{}"} and client.hget(keys.track_counters("t1"), "play") == b"3"
     assert client.get(keys.export_cursor()) == b"5-0"
     stream = EventStream(client, f"{p}:stream", keys.dedup(), dedup_window_s=600)
-    assert [r.status for r in stream.append(pending([old, reused]))] == [AppendStatus.duplicate, AppendStatus.conflict], "accepted before the upgrade, still known"
+    assert [r.status for r in stream.append(pending([old, reused, older]))] == [
+        AppendStatus.duplicate, AppendStatus.conflict, AppendStatus.duplicate,
+    ], "accepted before the upgrade, still known"
     assert client.get(keys.push_profile("u2")) == b"already new", "never overwrites what new code wrote"
     assert migrate_legacy_keys(client, keys, dedup_window_s=600) == 0

@@ -59,7 +59,8 @@ for i = 7, #ARGV, 5 do
     if seen then break end
   end
   if seen then
-    out[#out + 1] = (seen == fp) and 0 or -1
+    -- an empty marker (folded from an older EchoTune that kept no fingerprint) is a duplicate
+    out[#out + 1] = (seen == fp or seen == '') and 0 or -1
     out[#out + 1] = ''
   else
     redis.call('HSET', current, id, fp)
@@ -225,8 +226,8 @@ class EventStream:
 
 
 def fold_legacy_markers(client: redis.Redis, bucket_prefix: str, patterns: list[str], window_s: float) -> int:
-    """Move per-event markers an older EchoTune wrote (one key each, sha1 hex as value) into the
-    current bucket, so a retry of an event accepted before the upgrade is still a duplicate.
+    """Move per-event markers an older EchoTune wrote (one key each, the sha1 hex of the event,
+    or "1" before fingerprints) into the current bucket, so a retry of an event accepted before the upgrade is still a duplicate.
     The bucket remembers them a whole window, which is at least what their own TTL had left
     unless the window was shortened. Returns how many moved."""
     bucket_ms = dedup_bucket_ms(window_s)
@@ -241,14 +242,22 @@ def fold_legacy_markers(client: redis.Redis, bucket_prefix: str, patterns: list[
             except ValueError:
                 log.warning("not folding %r: not a UUID event id", raw)
                 continue
-            fingerprint = client.get(raw)
-            client.hsetnx(current, field, bytes.fromhex(fingerprint.decode())[:8] if fingerprint else b"")
+            client.hsetnx(current, field, _legacy_fingerprint(client.get(raw)))
             client.delete(raw)
             moved += 1
     if moved:
         client.pexpireat(current, (newest + 1) * bucket_ms + int(window_s * 1000))
         log.info("folded %d per-event dedup markers into %s", moved, current)
     return moved
+
+
+def _legacy_fingerprint(value: bytes | None) -> bytes:
+    """Today's 8-byte fingerprint from an old marker's sha1 hex; empty ("seen, content unknown",
+    a duplicate to the append script) for the older markers that held just "1"."""
+    try:
+        return bytes.fromhex(value.decode())[:8] if value and len(value) >= 16 else b""
+    except ValueError:
+        return b""
 
 
 def _parse_id(entry_id: str) -> tuple[int, int]:

@@ -20,7 +20,6 @@ from app.recommend import Blended, Retrieved, UserFeatures, blend_candidates, re
 from app.redis_server import connect
 from app.schemas import RecommendationResponse
 from deployments.tuning import ModelServing, apply_overrides
-from deployments.runtime import settle_heap
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
@@ -33,7 +32,6 @@ class Blender(ModelServing):
             max_entries=0,
         )
         self.lists = SharedLists(reader, ("trending", "popular"), settings.serving.candidates, settings.serving.reload_interval_s)
-        settle_heap()
 
     def blend(
         self,

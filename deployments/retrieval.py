@@ -13,7 +13,6 @@ from app.config import Settings
 from app.models import ModelBundle
 from app.recommend import Retrieved, UserFeatures, retrieve_cf, retrieve_content
 from deployments.tuning import ModelServing
-from deployments.runtime import settle_heap
 
 
 def fold_in_vector(features: UserFeatures, bundle: ModelBundle, model, fresh_weight: float) -> np.ndarray | None:
@@ -41,7 +40,6 @@ class CFRetriever(ModelServing):
         super().__init__(settings)
         self._fold_model = None
         self._fold_version = None
-        settle_heap()
 
     def _fold_in_model(self, bundle: ModelBundle):
         from training.als import ImplicitALS

@@ -41,4 +41,4 @@ class ModelServing(Tunable):
     def __init__(self, settings: Settings):
         super().__init__(settings)
         self.models = ModelCache(ArtifactStore(settings.paths.artifacts_dir), settings.serving.reload_interval_s)
-        settle_heap()  # the subclasses that set up more call it again at their end (cheap then)
+        settle_heap()  # what subclasses add after this is a handful of objects

@@ -67,7 +67,7 @@ def pending(events, received_at_ms=1):
     out = []
     for e in events:
         enriched = enrich(e, ctx)
-        out.append(PendingEvent(str(e.event_id), e.user_id, enriched.document["timestamp"], enriched.fingerprint, enriched.json))
+        out.append(PendingEvent(e.event_id, e.user_id, enriched.document["timestamp"], enriched.fingerprint, enriched.json))
     return out
 
 

@@ -58,7 +58,7 @@ class EventIngestor:
         for e in events:
             enriched = enrich(e, ctx)
             doc = enriched.document
-            pending.append(PendingEvent(doc["event_id"], doc["user_id"], doc["timestamp"], enriched.fingerprint, enriched.json))
+            pending.append(PendingEvent(e.event_id, doc["user_id"], doc["timestamp"], enriched.fingerprint, enriched.json))
         try:
             appended = self.stream.append(pending)
         except redis.RedisError as exc:

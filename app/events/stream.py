@@ -107,7 +107,8 @@ class AppendResult:
 class PendingEvent:
     """An enriched event ready to append: its stored document and its client fingerprint."""
 
-    event_id: str
+    event_id: uuid.UUID
+    """Parsed once, where the event is validated; the dedup marker keys on its 16 bytes."""
     user_id: str
     timestamp_ms: int
     fingerprint: bytes
@@ -186,7 +187,7 @@ class EventStream:
             self.session_prefix, self.session_gap_ms, self.session_ttl_s,
         ]  # fmt: skip
         for e in events:
-            argv += [uuid.UUID(e.event_id).bytes, e.fingerprint, e.user_id, e.timestamp_ms, e.document_json[:-1]]
+            argv += [e.event_id.bytes, e.fingerprint, e.user_id, e.timestamp_ms, e.document_json[:-1]]
         flat = self._append(keys=[self.key], args=argv)
         return [
             AppendResult(AppendStatus(int(flat[i])), flat[i + 1].decode() if flat[i + 1] else None)
@@ -227,28 +228,42 @@ class EventStream:
 
 def fold_legacy_markers(client: redis.Redis, bucket_prefix: str, patterns: list[str], window_s: float) -> int:
     """Move per-event markers an older EchoTune wrote (one key each, the sha1 hex of the event,
-    or "1" before fingerprints) into the current bucket, so a retry of an event accepted before the upgrade is still a duplicate.
-    The bucket remembers them a whole window, which is at least what their own TTL had left
-    unless the window was shortened. Returns how many moved."""
+    or "1" before fingerprints) into the current bucket, so a retry of an event accepted before
+    the upgrade is still a duplicate. The bucket remembers them a whole window, which is at
+    least what their own TTL had left unless the window was shortened. Works a SCAN page at a
+    time, one pipeline to read the page and one to move it. Returns how many moved."""
     bucket_ms = dedup_bucket_ms(window_s)
     seconds, micros = client.time()
     newest = (seconds * 1000 + micros // 1000) // bucket_ms
     current = f"{bucket_prefix}{newest}"
     moved = 0
     for pattern in patterns:
+        page: list[tuple[bytes, bytes]] = []
         for raw in client.scan_iter(match=pattern, count=1000):
             try:
-                field = uuid.UUID(raw.decode()[len(pattern) - 1 :]).bytes
+                page.append((raw, uuid.UUID(raw.decode()[len(pattern) - 1 :]).bytes))
             except ValueError:
                 log.warning("not folding %r: not a UUID event id", raw)
-                continue
-            client.hsetnx(current, field, _legacy_fingerprint(client.get(raw)))
-            client.delete(raw)
-            moved += 1
+            if len(page) == 1000:
+                moved += _fold_page(client, current, page)
+                page = []
+        moved += _fold_page(client, current, page)
     if moved:
         client.pexpireat(current, (newest + 1) * bucket_ms + int(window_s * 1000))
         log.info("folded %d per-event dedup markers into %s", moved, current)
     return moved
+
+
+def _fold_page(client: redis.Redis, current: str, page: list[tuple[bytes, bytes]]) -> int:
+    if not page:
+        return 0
+    values = client.mget([key for key, _ in page])
+    pipe = client.pipeline(transaction=False)
+    for (key, field), value in zip(page, values):
+        pipe.hsetnx(current, field, _legacy_fingerprint(value))
+        pipe.delete(key)
+    pipe.execute()
+    return len(page)
 
 
 def _legacy_fingerprint(value: bytes | None) -> bytes:

@@ -47,9 +47,9 @@ def serving_with(serving: ServingSettings, params: dict[str, Any] | None) -> Ser
 def exposure_events(response: RecommendationResponse, assignment: Assignment, latency_ms: int, now_ms: int) -> list[PendingEvent]:
     out = []
     for position, item in enumerate(response.items):
-        event_id = str(uuid.uuid4())
+        event_id = uuid.uuid4()
         doc = {
-            "event_id": event_id,
+            "event_id": str(event_id),
             "user_id": response.user_id,
             "track_id": item.track_id,
             "event_type": "impression",
@@ -62,7 +62,7 @@ def exposure_events(response: RecommendationResponse, assignment: Assignment, la
             "received_at_ms": now_ms,
             "schema_version": SCHEMA_VERSION,
         }
-        out.append(PendingEvent(event_id=event_id, user_id=response.user_id, timestamp_ms=now_ms, fingerprint=event_id, document_json=json.dumps(doc, separators=(",", ":"))))
+        out.append(PendingEvent(event_id=event_id, user_id=response.user_id, timestamp_ms=now_ms, fingerprint=event_id.bytes[:8], document_json=json.dumps(doc, separators=(",", ":"))))
     return out
 
 

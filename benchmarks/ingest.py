@@ -284,7 +284,11 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # Ray's workers default to nice 15; the generator and redis-server here run at nice 0.
     os.environ.setdefault("RAY_worker_niceness", "0")
-    os.environ.setdefault("MALLOC_ARENA_MAX", "2")  # as deployed (ray_config.yaml runtime_env)
+    from app.redis_server import free_port
+    from deployments.runtime import CLUSTER_ENV, apply_cluster_env
+
+    # As deployed: Serve's high-throughput mode behind HAProxy, the malloc arena cap.
+    apply_cluster_env(os.environ, haproxy_ports=(free_port(), free_port()))
     import ray
     import redis
     from fastapi import FastAPI, Request
@@ -293,9 +297,10 @@ def main() -> None:
     from app.config import settings_from_args
     from app.events.auth import ApiKeyStore
     from app.keys import Keys
-    from app.redis_server import EmbeddedRedis, free_port
+    from app.redis_server import EmbeddedRedis
     from deployments.gateway import EventGateway
     from deployments.ingress import ApiIngress
+    from deployments.runtime import wait_http
 
     tmp = Path(tempfile.mkdtemp(prefix="echotune-bench-"))
     server = EmbeddedRedis(tmp / "redis", appendonly=True).start()
@@ -318,6 +323,10 @@ def main() -> None:
 
             self.client = r.Redis.from_url(url)
 
+        @bare_api.get("/healthz")
+        async def healthz(self):
+            return {}
+
         @bare_api.post("/v1/events")
         async def post(self, request: Request):
             body = await request.json()
@@ -333,6 +342,7 @@ def main() -> None:
     variants: list[Variant] = []
     try:
         serve.run(BareXadd.bind(server.url), name="bare", route_prefix="/bare", logging_config=QUIET)
+        wait_http(f"{base}/bare/healthz")
         variants.append(Variant("bare", "bare", f"{base}/bare/v1/events", {"Content-Type": "application/json"}, "bare:events", redis_pid))
         for replicas, in_process in [(1, True), (2, True)] + ([(1, False)] if args.with_gateway_hop else []):
             name = f"gateway_x{replicas}" if in_process else f"gateway_hop_x{replicas}"
@@ -345,6 +355,7 @@ def main() -> None:
             })
             gateway = None if in_process else EventGateway.options(num_replicas=replicas).bind(settings)
             serve.run(ApiIngress.options(num_replicas=replicas).bind(settings, gateway, None, None, None), name=prefix, route_prefix=f"/{prefix}", logging_config=QUIET)
+            wait_http(f"{base}/{prefix}/healthz")
             headers = {"Authorization": f"Bearer {ApiKeyStore(client, Keys(prefix)).create({'ingest'}).token}", "Content-Type": "application/json"}
             variants.append(Variant(name, prefix, f"{base}/{prefix}/v1/events", headers, settings.redis.stream_key, redis_pid, Keys(prefix).dedup()))
         for v in variants:
@@ -392,7 +403,7 @@ def main() -> None:
         "meets_targets": sorted(meeting),
         "batch": BATCH,
         "worker_niceness": os.environ["RAY_worker_niceness"],
-        "malloc_arena_max": os.environ["MALLOC_ARENA_MAX"],
+        "cluster_env": {k: os.environ[k] for k in CLUSTER_ENV},
         "aof_rewrites": aof_rewrites,
         "load_avg_1m": {"start": round(load_at_start, 1), "end": round(os.getloadavg()[0], 1)},
         "variants": results,

@@ -167,15 +167,18 @@ def start_redis(state: Path):
 
 def start_local_serve(state: Path, redis_url: str) -> tuple[int, dict]:
     """A local 2-CPU Ray with Serve on a free port (quiet logs, as in ray_config.yaml), and the
-    app args of the small benchmark world: (port, args)."""
+    app args of the small benchmark world: (port, args). Wait for an app's route with
+    `deployments.runtime.wait_http` after `serve.run`: HAProxy loads routes a moment later."""
     import ray
     from ray import serve
 
     from app.redis_server import free_port
 
-    # As the demo and ray_config.yaml do: at most 2 malloc arenas per process (every process
-    # of this local cluster inherits the driver's environment).
-    os.environ.setdefault("MALLOC_ARENA_MAX", "2")
+    from deployments.runtime import apply_cluster_env
+
+    # As the demo does: Serve's high-throughput mode behind HAProxy, at most 2 malloc arenas per
+    # process (every process of this local cluster inherits the driver's environment).
+    apply_cluster_env(os.environ, haproxy_ports=(free_port(), free_port()))
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING", "enable_access_log": False})
@@ -228,14 +231,17 @@ def main() -> None:
     from ray import serve
 
     from deployments.app import build_app
+    from deployments.runtime import CLUSTER_ENV, wait_http
 
     redis_server = start_redis(args.state)
     try:
         port, app_args = start_local_serve(args.state, redis_server.url)
         serve.run(build_app(app_args), name="echotune", route_prefix="/")
+        wait_http(f"http://127.0.0.1:{port}/healthz")
         prepare(app_args, f"http://127.0.0.1:{port}")
         serve.run(bare_chain_app(), name="bare", route_prefix="/bare")
         users = pd.read_parquet(args.state / "world" / "users.parquet")["user_id"].tolist()
+        wait_http(f"http://127.0.0.1:{port}/bare/v1/users/{users[0]}/recommendations")
         ours_url = f"http://127.0.0.1:{port}/v1/users/{{user}}/recommendations?k=20"
         bare_url = f"http://127.0.0.1:{port}/bare/v1/users/{{user}}/recommendations?k=20"
         import httpx
@@ -279,6 +285,7 @@ def main() -> None:
         "rps_ratio_vs_bare": round(ours["saturation"]["throughput_rps"] / bare["saturation"]["throughput_rps"], 3),
         "errors": int(sum(r["errors"] for r in ours.values())),
         "bare_errors": int(sum(r["errors"] for r in bare.values())),
+        "cluster_env": {k: os.environ[k] for k in CLUSTER_ENV},
         "candidates_per_source": 500,
         "k": 20,
     }

@@ -31,6 +31,7 @@ import httpx
 
 from app.config import Settings, load_settings
 from app.redis_server import EmbeddedRedis, registered_server, stop_registered
+from deployments.runtime import apply_cluster_env, wait_http
 
 log = logging.getLogger("echotune.demo")
 
@@ -38,9 +39,9 @@ ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = "http://127.0.0.1:8265"
 METRICS_PORT = 8080  # Ray's default, spelled out so the printed URL is the real one
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-# The cluster's own long-lived processes (proxy, controller, consumers) get the malloc arena
-# cap the Serve application sets for its replicas (ray_config.yaml, runtime_env).
-os.environ.setdefault("MALLOC_ARENA_MAX", "2")
+# Serve's high-throughput mode behind HAProxy, and the malloc arena cap, for every process of
+# the cluster (deployments/runtime.py says why).
+apply_cluster_env(os.environ)
 # Processes started by `ray start` (and so the drivers of submitted jobs) inherit this PATH:
 # `ray job submit -- python -m jobs.x` then runs this environment's python, with EchoTune.
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
@@ -158,18 +159,6 @@ def ensure_world(settings: Settings) -> Path:
         marker.write_text(wanted)
         log.info("generated world in %.1fs", time.perf_counter() - start)
     return settings.paths.world_dir
-
-
-def wait_http(url: str, timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"{url} did not answer 200 within {timeout_s}s")
 
 
 def post_world_events(api: str, world_dir: Path, batch: int, api_key: str) -> int:

@@ -24,7 +24,6 @@ import multiprocessing as mp
 import os
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -208,6 +207,7 @@ def main() -> None:
     from app.events.auth import ApiKeyStore
     from app.keys import Keys
     from deployments.app import build_app
+    from deployments.runtime import wait_http
     from jobs.consume_events import ConsumerActor
     from jobs.export_events import export_events
 
@@ -226,6 +226,7 @@ def main() -> None:
         key = ApiKeyStore(client, Keys(settings.redis.key_prefix)).create({"ingest", "read"}).token
         serve.run(build_app(app_args), name="echotune", route_prefix="/")
         api = f"http://127.0.0.1:{port}"
+        wait_http(f"{api}/healthz")
         prepare(app_args, api, headers={"Authorization": f"Bearer {key}"})
         # The preparation's own events: the soak's count starts from what is already landed,
         # and from the last stream entry so far (export keeps entries until the consumer group

@@ -182,3 +182,20 @@ def test_rayservice_manifest_holds_a_valid_echotune_serve_config():
     app = next(a for a in serve_config["applications"] if a["name"] == "echotune")
     settings = settings_from_args(app["args"])
     assert settings.redis.url and str(settings.paths.state_dir) == "/data/echotune"
+
+
+def test_every_rayservice_pod_starts_with_the_cluster_environment():
+    """Serve reads its mode from the environment of every process (controller, HAProxy
+    manager, replicas): a pod without it would run another Serve than the one tested."""
+    from pathlib import Path
+
+    import yaml
+
+    from deployments.runtime import CLUSTER_ENV
+
+    spec = yaml.safe_load((Path(__file__).resolve().parents[1] / "deploy" / "rayservice.yaml").read_text())["spec"]
+    groups = [spec["rayClusterConfig"]["headGroupSpec"], *spec["rayClusterConfig"]["workerGroupSpecs"]]
+    for group in groups:
+        for container in group["template"]["spec"]["containers"]:
+            env = {e["name"]: e["value"] for e in container["env"]}
+            assert {k: env.get(k) for k in CLUSTER_ENV} == CLUSTER_ENV, container["name"]

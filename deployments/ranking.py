@@ -1,5 +1,9 @@
 """Blender and Reranker: hybrid blend of every candidate source, then diversity re-ranking.
 
+The Reranker's methods are `async` with no I/O, for the reason deployments/retrieval.py gives;
+the Blender's stay plain: it reads the shared lists from Redis, which must not block the loop
+during an outage.
+
 Both hold the model bundle in memory (embeddings, artists, genres, release dates), reload it
 when a job publishes a new version, take the ingress's batch of requests in one call and their knobs
 from `user_config` (see deployments/tuning.py). A request may carry per-request overrides (an
@@ -56,7 +60,7 @@ class Blender(ModelServing):
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
 class Reranker(ModelServing):
-    def rerank(
+    async def rerank(
         self, blended: list[Blended], k: list[int], request_id: list[str], params: list[dict | None]
     ) -> list[RecommendationResponse]:
         bundle = self.models.get()
@@ -65,7 +69,7 @@ class Reranker(ModelServing):
             for b, n, rid, p in zip(blended, k, request_id, params)
         ]
 
-    def popular(self, user_ids: list[str], k: list[int], request_id: list[str]) -> list[RecommendationResponse]:
+    async def popular(self, user_ids: list[str], k: list[int], request_id: list[str]) -> list[RecommendationResponse]:
         """Last resort when the blend itself failed: the replica's own popular list."""
         bundle = self.models.get()
         items = bundle.popular if bundle else []

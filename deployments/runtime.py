@@ -19,8 +19,9 @@ import httpx
 # - RAY_SERVE_ENABLE_HA_PROXY: HAProxy (bundled with ray[serve] on Linux) listens on the HTTP
 #   port and forwards straight to the ingress replicas (direct ingress), instead of the Python
 #   proxy actor, which relayed every request and polled for each body.
-#   benchmarks/serve.py, bare chain of 6 hops on 2 cores: p95 at 50 req/s 45 -> 17 ms,
-#   saturation 86 -> 129 req/s against Serve's defaults.
+#   The bare 6-hop chain of benchmarks/serve.py deployed alone on 2 cores, same load script,
+#   minutes apart: p95 at 50 req/s 45 -> 17 ms, saturation 86 -> 129 req/s against Serve's
+#   defaults (README § Serving has the full benchmark's figures).
 # - RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=1: undoes one part of that mode, for drivers: with the
 #   router on the caller's loop, a DeploymentHandle cannot be called from synchronous code
 #   (a script, a job, a test). Replicas lose little by it: the bare chain's p95 at 50 req/s

@@ -355,7 +355,9 @@ def main() -> None:
     from app.config import settings_from_args
     from app.redis_server import EmbeddedRedis, free_port
     from deployments.app import build_app
+    from deployments.runtime import apply_cluster_env, wait_http
 
+    apply_cluster_env(os.environ, haproxy_ports=(free_port(), free_port()))  # as deployed
     work = Path(tempfile.mkdtemp(prefix="etfd", dir="/tmp"))  # short: Ray's socket paths
     server = EmbeddedRedis(work / "redis", appendonly=True).start()
     results: dict = {}
@@ -371,6 +373,7 @@ def main() -> None:
         settings = settings_from_args(args)
         t0 = time.time()
         serve.run(build_app(args), name="echotune", route_prefix="/")
+        wait_http(f"{api}/healthz")
         prepare(args, api)
         print(f"[setup] world, pipeline and Serve app ready in {time.time() - t0:.0f}s at {api}", flush=True)
         users = pd.read_parquet(settings.paths.world_dir / "users.parquet")["user_id"].tolist()

@@ -177,20 +177,27 @@ def start_redis(state: Path):
     return EmbeddedRedis(state / "redis", appendonly=True).start()
 
 
+def use_cluster_env() -> None:
+    """As the demo does: Serve's high-throughput mode behind HAProxy, at most 2 malloc arenas
+    per process (every process of a local cluster inherits the driver's environment). Call it
+    before this process imports Ray Serve: the handles a driver builds take their transport
+    from the environment it had at import (actor calls where the cluster would use gRPC)."""
+    from app.redis_server import free_port
+    from deployments.runtime import apply_cluster_env
+
+    apply_cluster_env(os.environ, haproxy_ports=(free_port(), free_port()))
+
+
 def start_local_serve(state: Path, redis_url: str) -> tuple[int, dict]:
     """A local 2-CPU Ray with Serve on a free port (quiet logs, as in ray_config.yaml), and the
     app args of the small benchmark world: (port, args). Wait for an app's route with
     `deployments.runtime.wait_http` after `serve.run`: HAProxy loads routes a moment later."""
+    use_cluster_env()
     import ray
     from ray import serve
 
     from app.redis_server import free_port
 
-    from deployments.runtime import apply_cluster_env
-
-    # As the demo does: Serve's high-throughput mode behind HAProxy, at most 2 malloc arenas per
-    # process (every process of this local cluster inherits the driver's environment).
-    apply_cluster_env(os.environ, haproxy_ports=(free_port(), free_port()))
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING", "enable_access_log": False})
@@ -237,6 +244,7 @@ def main() -> None:
     # Ray starts workers at nice 15 and the load generator runs at nice 0: on a shared machine
     # the generator would then outcompete the system under test.
     os.environ.setdefault("RAY_worker_niceness", "0")
+    use_cluster_env()
 
     import ray
     import pandas as pd

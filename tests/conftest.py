@@ -10,7 +10,18 @@ import pytest
 import redis
 
 from app.redis_server import EmbeddedRedis, free_port
-from tests.web_support import web_app, web_redis  # noqa: F401  (one Serve app shared by the web and push tests)
+from deployments.runtime import apply_cluster_env
+
+# The cluster environment the demo and a deployment run with (Serve's high-throughput mode
+# behind HAProxy), so what is tested is what is deployed. Set here, before any test module
+# imports Ray Serve: handles built in this process take their transport (gRPC or actor calls)
+# from the environment at import. HAProxy's side ports are this session's own, beside a demo.
+apply_cluster_env(os.environ, haproxy_ports=(free_port(), free_port()))
+# An ingress replica being stopped keeps serving for this long so HAProxy can take it out of
+# rotation first (30 s by default); here nothing routes to a deleted test app.
+os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
+
+from tests.web_support import web_app, web_redis  # noqa: E402, F401  (one Serve app shared by the web and push tests)
 
 
 @pytest.fixture(scope="session")
@@ -38,15 +49,6 @@ def ray_cluster():
     tmp = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
     os.environ.setdefault("RAY_TMPDIR", str(tmp))
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    # The cluster environment the demo and a deployment run with (Serve's high-throughput mode
-    # behind HAProxy), so what is tested is what is deployed; HAProxy's side ports are this
-    # session's own, beside a running demo.
-    from deployments.runtime import apply_cluster_env
-
-    apply_cluster_env(os.environ, haproxy_ports=(free_port(), free_port()))
-    # An ingress replica being stopped keeps serving for this long so HAProxy can take it out
-    # of rotation first (30 s by default); here nothing routes to a deleted test app.
-    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
     ctx = ray.init(
         address="local",
         num_cpus=2,

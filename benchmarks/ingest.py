@@ -284,11 +284,10 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # Ray's workers default to nice 15; the generator and redis-server here run at nice 0.
     os.environ.setdefault("RAY_worker_niceness", "0")
-    from app.redis_server import free_port
-    from deployments.runtime import CLUSTER_ENV, apply_cluster_env
+    from deployments.runtime import CLUSTER_ENV, apply_cluster_env, wait_http
 
     # As deployed: Serve's high-throughput mode behind HAProxy, the malloc arena cap.
-    apply_cluster_env(os.environ, haproxy_ports=(free_port(), free_port()))
+    apply_cluster_env(os.environ, own_side_ports=True)
     import ray
     import redis
     from fastapi import FastAPI, Request
@@ -297,10 +296,9 @@ def main() -> None:
     from app.config import settings_from_args
     from app.events.auth import ApiKeyStore
     from app.keys import Keys
-    from app.redis_server import EmbeddedRedis
+    from app.redis_server import EmbeddedRedis, free_port
     from deployments.gateway import EventGateway
     from deployments.ingress import ApiIngress
-    from deployments.runtime import wait_http
 
     tmp = Path(tempfile.mkdtemp(prefix="echotune-bench-"))
     server = EmbeddedRedis(tmp / "redis", appendonly=True).start()

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from deployments.runtime import CLUSTER_ENV, apply_cluster_env, wait_http  # no Ray import: safe before the env is set
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _cpu_time import cpu_seconds  # noqa: E402  benchmarks/_cpu_time.py (this script's folder)
 
@@ -177,22 +179,11 @@ def start_redis(state: Path):
     return EmbeddedRedis(state / "redis", appendonly=True).start()
 
 
-def use_cluster_env() -> None:
-    """As the demo does: Serve's high-throughput mode behind HAProxy, at most 2 malloc arenas
-    per process (every process of a local cluster inherits the driver's environment). Call it
-    before this process imports Ray Serve: the handles a driver builds take their transport
-    from the environment it had at import (actor calls where the cluster would use gRPC)."""
-    from app.redis_server import free_port
-    from deployments.runtime import apply_cluster_env
-
-    apply_cluster_env(os.environ, haproxy_ports=(free_port(), free_port()))
-
-
 def start_local_serve(state: Path, redis_url: str) -> tuple[int, dict]:
     """A local 2-CPU Ray with Serve on a free port (quiet logs, as in ray_config.yaml), and the
-    app args of the small benchmark world: (port, args). Wait for an app's route with
+    app args of the small benchmark world: (port, args). Call `apply_cluster_env` before this
+    process imports Ray Serve, as the demo's cluster has it; wait for an app's route with
     `deployments.runtime.wait_http` after `serve.run`: HAProxy loads routes a moment later."""
-    use_cluster_env()
     import ray
     from ray import serve
 
@@ -244,14 +235,14 @@ def main() -> None:
     # Ray starts workers at nice 15 and the load generator runs at nice 0: on a shared machine
     # the generator would then outcompete the system under test.
     os.environ.setdefault("RAY_worker_niceness", "0")
-    use_cluster_env()
+    # As deployed: Serve's high-throughput mode behind HAProxy, the malloc arena cap.
+    apply_cluster_env(os.environ, own_side_ports=True)
 
     import ray
     import pandas as pd
     from ray import serve
 
     from deployments.app import build_app
-    from deployments.runtime import CLUSTER_ENV, wait_http
 
     redis_server = start_redis(args.state)
     try:

@@ -18,7 +18,6 @@ from app.prefs import prefs_from_hash
 from app.recommend import UserFeatures, user_features_from_row
 from app.redis_server import connect
 from deployments.metrics import observe_latency
-from deployments.runtime import settle_heap
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
@@ -32,7 +31,6 @@ class FeatureFetcher:
             refresh_s=settings.serving.reload_interval_s,
             max_entries=settings.features.snapshot_entries,
         )
-        settle_heap()
 
     @observe_latency("feature_fetch", "FeatureFetcher")
     def fetch(self, user_ids: list[str]) -> list[UserFeatures]:

@@ -20,7 +20,6 @@ from app.events.ingest import EventIngestor, ingest_outcome
 from app.events.stream import EventStream
 from app.redis_server import connect
 from deployments.metrics import record_ingest, start_stream_health_poller
-from deployments.runtime import settle_heap
 
 log = logging.getLogger("ray.serve")
 
@@ -48,7 +47,6 @@ class EventGateway:
         self.local = LocalGateway(settings)
         # Dead letters and consumer lag as gauges (deployments/metrics.py), sampled off the request path.
         self._stop_health = start_stream_health_poller(self.local.client, settings.redis.stream_key, settings.redis.dead_letter_key)
-        settle_heap()
 
     def ingest(self, body: object, user_agent: str | None = None, accept_language: str | None = None) -> dict:
         return self.local.ingest(body, user_agent, accept_language)

@@ -32,7 +32,6 @@ from deployments.gateway import ingest_events
 from deployments.metrics import RequestMetrics, record_refused
 from deployments.pipeline import RecommendationPipeline, RecommendationRequest
 from deployments.web import WebServices, mount_web
-from deployments.runtime import settle_heap
 
 api = FastAPI(
     title="EchoTune",
@@ -84,7 +83,6 @@ class ApiIngress:
         self.experiments = ExperimentRouter.from_settings(connect(s), s)
         self._exposure_tasks: set[asyncio.Task] = set()  # strong refs until each append is done
         self.batcher = NaturalBatcher(self.pipeline.run, s.serving.request_batch_size, s.serving.request_batches_in_flight)
-        settle_heap()
 
     @api.get("/healthz", tags=["ops"])
     async def healthz(self) -> dict:

@@ -9,6 +9,8 @@ from collections.abc import MutableMapping
 
 import httpx
 
+from app.redis_server import free_port
+
 # Serve reads these when it is imported, in the controller and proxy as much as in replicas,
 # so they belong to the cluster's environment (`ray start`, `ray.init`, a pod's env), not to
 # an application's runtime_env. Each is a default: a value already set wins.
@@ -36,26 +38,28 @@ CLUSTER_ENV = {
 }
 
 
-def apply_cluster_env(environ: MutableMapping[str, str], haproxy_ports: tuple[int, int] | None = None) -> None:
-    """Set CLUSTER_ENV's defaults in `environ` before Ray starts (every process of a local
-    cluster inherits it). `haproxy_ports` (metrics, stats) moves HAProxy's two side ports off
-    their defaults (9101, 8404), for a second cluster on the same machine such as the tests'."""
+def apply_cluster_env(environ: MutableMapping[str, str], own_side_ports: bool = False) -> None:
+    """Set CLUSTER_ENV's defaults in `environ` before this process imports Ray Serve (every
+    process of a local cluster inherits it, and handles built here take their transport from
+    it). `own_side_ports` moves HAProxy's metrics and stats ports off their defaults (9101,
+    8404) to free ones, for a second cluster on the same machine such as the tests'."""
     for key, value in CLUSTER_ENV.items():
         environ.setdefault(key, value)
-    if haproxy_ports is not None:
-        environ.setdefault("RAY_SERVE_HAPROXY_METRICS_PORT", str(haproxy_ports[0]))
-        environ.setdefault("RAY_SERVE_HAPROXY_STATS_PORT", str(haproxy_ports[1]))
+    if own_side_ports:
+        for key in ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT"):
+            if key not in environ:
+                environ[key] = str(free_port())
 
 
 def settle_heap() -> None:
     """Collect once, then take every object alive now out of the cyclic collector's view
-    (`gc.freeze`), at the end of a replica's start-up.
+    (`gc.freeze`): what Serve does at the end of every replica's start-up
+    (RAY_SERVE_FREEZE_GC_ON_STARTUP, on by default), for code measured outside a replica.
 
-    A replica's start-up heap (Ray, FastAPI, numpy, pandas, the loaded models: hundreds of
-    thousands of objects) is otherwise re-scanned by every full collection, and request garbage
-    triggers one every few seconds under load. In benchmarks/feature_fetch.py that was the p99:
-    a 500-entity read went from 34.8 ms to 4.2 ms at p99 once the heap was frozen. Objects
-    created later are collected as before; frozen ones are still freed by reference counting.
+    A start-up heap (Ray, FastAPI, numpy, pandas, loaded models: hundreds of thousands of
+    objects) is otherwise re-scanned by every full collection, and request garbage triggers one
+    every few seconds under load. In benchmarks/feature_fetch.py that was the p99: a
+    500-entity read went from 34.8 ms to 4.2 ms at p99 once the heap was frozen.
     """
     gc.collect()
     gc.freeze()

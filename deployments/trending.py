@@ -7,7 +7,6 @@ from ray import serve
 from app.config import Settings
 from app.redis_server import connect
 from app.trending.lists import TrendingLists, list_name
-from deployments.runtime import settle_heap
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
@@ -15,7 +14,6 @@ class Trending:
     def __init__(self, settings: Settings):
         self.client = connect(settings)
         self.lists = TrendingLists(self.client, settings.redis.key_prefix)
-        settle_heap()
 
     def top(self, genre: str | None, locale: str | None, k: int) -> dict:
         """A locale with a genre is the locale's list narrowed to that genre."""

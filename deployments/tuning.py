@@ -13,7 +13,6 @@ import logging
 from app.artifacts import ArtifactStore
 from app.config import ServingSettings, Settings
 from app.models import ModelCache
-from deployments.runtime import settle_heap
 
 log = logging.getLogger("ray.serve")
 
@@ -41,4 +40,3 @@ class ModelServing(Tunable):
     def __init__(self, settings: Settings):
         super().__init__(settings)
         self.models = ModelCache(ArtifactStore(settings.paths.artifacts_dir), settings.serving.reload_interval_s)
-        settle_heap()  # what subclasses add after this is a handful of objects

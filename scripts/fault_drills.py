@@ -44,7 +44,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.serve import prepare, settings_args, use_cluster_env  # noqa: E402
+from deployments.runtime import apply_cluster_env, wait_http  # noqa: E402
+from benchmarks.serve import prepare, settings_args  # noqa: E402
 
 WORLD = {"n_users": 80, "n_tracks": 200, "n_artists": 20, "clip_seconds": 1.0, "days": 7, "sessions_per_user": 4.0}
 LOAD_RPS = 20.0
@@ -346,7 +347,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="Keep the temp folder (world, artifacts, logs).")
     opts = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    use_cluster_env()  # as deployed; before Ray Serve is imported
+    apply_cluster_env(os.environ, own_side_ports=True)  # as deployed; before Ray Serve is imported
 
     import pandas as pd
     import ray
@@ -356,7 +357,6 @@ def main() -> None:
     from app.config import settings_from_args
     from app.redis_server import EmbeddedRedis, free_port
     from deployments.app import build_app
-    from deployments.runtime import wait_http
     work = Path(tempfile.mkdtemp(prefix="etfd", dir="/tmp"))  # short: Ray's socket paths
     server = EmbeddedRedis(work / "redis", appendonly=True).start()
     results: dict = {}

@@ -32,7 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from benchmarks.serve import prepare, start_local_serve, start_redis, use_cluster_env  # noqa: E402
+from deployments.runtime import apply_cluster_env, wait_http  # noqa: E402
+from benchmarks.serve import prepare, start_local_serve, start_redis  # noqa: E402
 
 WARMUP_S = 60.0
 SAMPLE_EVERY_S = 15.0
@@ -197,7 +198,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_worker_niceness", "0")  # compete fairly with the load generators
-    use_cluster_env()  # before Ray Serve is imported
+    apply_cluster_env(os.environ, own_side_ports=True)  # as deployed; before Ray Serve is imported
 
     import pandas as pd
     import ray
@@ -208,7 +209,6 @@ def main() -> None:
     from app.events.auth import ApiKeyStore
     from app.keys import Keys
     from deployments.app import build_app
-    from deployments.runtime import wait_http
     from jobs.consume_events import ConsumerActor
     from jobs.export_events import export_events
 

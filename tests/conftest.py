@@ -16,7 +16,7 @@ from deployments.runtime import apply_cluster_env
 # behind HAProxy), so what is tested is what is deployed. Set here, before any test module
 # imports Ray Serve: handles built in this process take their transport (gRPC or actor calls)
 # from the environment at import. HAProxy's side ports are this session's own, beside a demo.
-apply_cluster_env(os.environ, haproxy_ports=(free_port(), free_port()))
+apply_cluster_env(os.environ, own_side_ports=True)
 # An ingress replica being stopped keeps serving for this long so HAProxy can take it out of
 # rotation first (30 s by default); here nothing routes to a deleted test app.
 os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")

@@ -20,7 +20,7 @@ import redis
 
 from app.features.registry import FeatureView, Registry
 from app.keys import Keys
-from app.redis_wire import as_dict, as_scored, pack, raw_replies, supports_raw
+from app.redis_wire import as_dict, as_scored, pack, pack_each, raw_replies, supports_raw
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ class RedisOnlineStore(OnlineStore):
 
     def _read_raw(self, hashes, ranking_keys, live) -> list:
         """The same reads through app/redis_wire.py, shaped as the pipeline's callbacks would."""
-        commands = [pack(b"HGETALL", key.encode()) for key in hashes]
+        commands = pack_each(b"HGETALL", [key.encode() for key in hashes])
         commands += [pack(b"ZREVRANGE", key.encode(), b"0", b"%d" % (n - 1), b"WITHSCORES") for key, n in ranking_keys]
         commands += [
             pack(b"LRANGE", item.key.encode(), b"0", b"%d" % (item.n - 1)) if item.kind == "list" else pack(b"HGETALL", item.key.encode())

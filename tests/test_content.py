@@ -236,17 +236,22 @@ def test_fast_spectral_features_keep_librosas_definitions():
     chroma_cqt; the cached/vectorised versions must compute the same numbers."""
     import librosa
 
-    from training.content import HOP, N_FFT, _chroma, _spectral_bases, _spectral_shape, _zero_crossing_rate
+    from training.content import HOP, N_FFT, _chroma, _hann, _spectral_bases, _spectral_contrast, _spectral_shape, _stft, _zero_crossing_rate
 
     rng = np.random.default_rng(3)
     t = np.arange(SR * 4) / SR
     y = (sum(np.sin(2 * np.pi * midi_hz(n) * t) for n in (45, 57, 60, 64)) * 0.1 + 0.01 * rng.standard_normal(len(t))).astype(np.float32)
     y[SR : SR + 4000] = 0.0  # silent frames have centroid, bandwidth and roll-off 0 in both
-    S = np.abs(librosa.stft(y, n_fft=N_FFT, hop_length=HOP))
+    S = np.abs(_stft(y, N_FFT, HOP, _hann(N_FFT)))
+    np.testing.assert_allclose(S, np.abs(librosa.stft(y, n_fft=N_FFT, hop_length=HOP)), rtol=1e-4, atol=1e-4)
     centroid, bandwidth, rolloff = _spectral_shape(S, SR)
     np.testing.assert_allclose(centroid, librosa.feature.spectral_centroid(S=S, sr=SR)[0], rtol=1e-4, atol=1e-3)
     np.testing.assert_allclose(bandwidth, librosa.feature.spectral_bandwidth(S=S, sr=SR)[0], rtol=1e-4, atol=1e-2)
-    np.testing.assert_array_equal(rolloff, librosa.feature.spectral_rolloff(S=S, sr=SR)[0])
+    # found block by block, the cumulative sums add in another order: a frame sitting exactly
+    # on the 85% line may land one bin over, never more, and rarely
+    off_by = np.abs(rolloff - librosa.feature.spectral_rolloff(S=S, sr=SR)[0]) / (SR / N_FFT)
+    assert off_by.max() <= 1.0 + 1e-6 and (off_by > 0.5).mean() < 0.01
+    np.testing.assert_allclose(_spectral_contrast(S, SR), librosa.feature.spectral_contrast(S=S, sr=SR, n_bands=6), atol=1e-4)
     np.testing.assert_array_equal(_zero_crossing_rate(y), librosa.feature.zero_crossing_rate(y, frame_length=N_FFT, hop_length=HOP)[0])
     np.testing.assert_allclose(
         librosa.power_to_db(_spectral_bases(SR)[2] @ S**2), librosa.power_to_db(librosa.feature.melspectrogram(S=S**2, sr=SR)), atol=1e-3

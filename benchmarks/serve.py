@@ -135,6 +135,8 @@ def bare_chain_app():
     from fastapi import FastAPI
     from ray import serve
 
+    from deployments.runtime import REPLICA_ENV
+
     api = FastAPI()
 
     @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
@@ -142,7 +144,8 @@ def bare_chain_app():
         async def __call__(self, *args):
             return args[0] if args else None
 
-    @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=128)
+    # The same replica environment as ApiIngress: both chains run Serve in the same mode.
+    @serve.deployment(ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": REPLICA_ENV}}, max_ongoing_requests=128)
     @serve.ingress(api)
     class BareIngress:
         def __init__(self, fetch, cf, content, blend, rerank):

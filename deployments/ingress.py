@@ -31,6 +31,7 @@ from app.flags import disabled_detail, with_flags
 from deployments.gateway import ingest_events
 from deployments.metrics import RequestMetrics, record_refused
 from deployments.pipeline import RecommendationPipeline, RecommendationRequest
+from deployments.runtime import REPLICA_ENV
 from deployments.web import WebServices, mount_web
 
 api = FastAPI(
@@ -55,8 +56,9 @@ def _unprocessable(errors: list[dict[str, Any]]) -> JSONResponse:
     return JSONResponse(status_code=422, content={"detail": errors})
 
 
-# max_ongoing_requests high on purpose: see ApiIngress in ray_config.yaml.
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
+# max_ongoing_requests high on purpose: see ApiIngress in ray_config.yaml. REPLICA_ENV: the
+# app's runtime_env carries it under `serve deploy`; this carries it under `serve.run`.
+@serve.deployment(ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": REPLICA_ENV}}, max_ongoing_requests=1024)
 @serve.ingress(api)
 class ApiIngress:
     def __init__(

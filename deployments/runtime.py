@@ -26,8 +26,7 @@ from app.redis_server import free_port
 #   defaults (README § Serving has the full benchmark's figures).
 # - RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=1: undoes one part of that mode, for drivers: with the
 #   router on the caller's loop, a DeploymentHandle cannot be called from synchronous code
-#   (a script, a job, a test). Replicas lose little by it: the bare chain's p95 at 50 req/s
-#   was 17 ms with the router on the main loop and 20 ms without, within run-to-run noise.
+#   (a script, a job, a test). The app's replicas put it back (REPLICA_ENV).
 # - MALLOC_ARENA_MAX=2: glibc's per-thread arenas (8 per core by default) never shrink; the
 #   ingress grew ~1 MB/min in the soak without the cap and stayed flat with it.
 CLUSTER_ENV = {
@@ -36,6 +35,16 @@ CLUSTER_ENV = {
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1",
     "MALLOC_ARENA_MAX": "2",
 }
+
+
+# The app's replicas call handles only from async code, so they take the high-throughput mode's
+# own default back through the app's runtime_env (ray_config.yaml, deploy/rayservice.yaml, and
+# ApiIngress's options for apps started with `serve.run`): each handle call is then scheduled on
+# the replica's loop instead of hopping to a router thread and back. Two copies of the app on
+# one 2-core cluster, the same load alternating between them three times (50 req/s, then 32
+# closed-loop clients): the ingress spent 5.95-6.62 against 6.90-8.10 ms of CPU per request at
+# 50 req/s and 2.20-2.41 against 2.63-2.76 at saturation, which was 167-184 against 159-170 req/s.
+REPLICA_ENV = {"RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}
 
 
 def apply_cluster_env(environ: MutableMapping[str, str], own_side_ports: bool = False) -> None:

@@ -199,3 +199,23 @@ def test_every_rayservice_pod_starts_with_the_cluster_environment():
         for container in group["template"]["spec"]["containers"]:
             env = {e["name"]: e["value"] for e in container["env"]}
             assert {k: env.get(k) for k in CLUSTER_ENV} == CLUSTER_ENV, container["name"]
+
+
+def test_the_apps_replicas_run_their_router_on_their_own_loop_in_every_config():
+    """REPLICA_ENV reaches the replicas through the app's runtime_env: both configs must carry
+    it, or a deployed cluster would run a slower Serve than the one measured."""
+    from pathlib import Path
+
+    import yaml
+
+    from deployments.runtime import REPLICA_ENV
+
+    root = Path(__file__).resolve().parents[1]
+    manifest = yaml.safe_load((root / "deploy" / "rayservice.yaml").read_text())
+    for name, config in (
+        ("ray_config.yaml", yaml.safe_load((root / "ray_config.yaml").read_text())),
+        ("deploy/rayservice.yaml", yaml.safe_load(manifest["spec"]["serveConfigV2"])),
+    ):
+        app = next(a for a in config["applications"] if a["name"] == "echotune")
+        env = app.get("runtime_env", {}).get("env_vars", {})
+        assert {k: env.get(k) for k in REPLICA_ENV} == REPLICA_ENV, name

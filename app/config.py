@@ -394,6 +394,10 @@ class FeatureStoreSettings(Strict):
     """Rows per pipelined write."""
     snapshot_entries: int = Field(10_000, ge=0)
     """Entities each serving replica remembers for degraded mode (Redis unreachable)."""
+    outage_retry_s: float = Field(1.0, gt=0)
+    """After a failed online read, serving replicas answer from their snapshot for this long
+    before trying Redis again: a hung Redis then costs one socket timeout per interval, not
+    one per request."""
     old_namespace_grace_s: int = Field(600, ge=0)
     """Seconds a replaced namespace stays readable after the switch, for in-flight readers."""
     parity_sample: int = Field(200, ge=1)

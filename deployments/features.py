@@ -4,6 +4,11 @@ and the listener's content preferences.
 
 When Redis is unreachable it answers from its bounded local snapshot, flagged stale, so the
 request degrades instead of failing; `check_health` still reports the outage to Serve.
+
+`fetch` is `async` though its read blocks: one pipelined round trip for the whole batch, well
+under a millisecond, runs on the replica's loop for less than Serve's hand-off of a plain
+method to a worker thread and back costs (the A/B in deployments/ranking.py). During an outage
+the reader's breaker (features.outage_retry_s) bounds how often a hung Redis can block it.
 """
 
 from __future__ import annotations
@@ -30,10 +35,11 @@ class FeatureFetcher:
             RedisOnlineStore(self.client, self.keys),
             refresh_s=settings.serving.reload_interval_s,
             max_entries=settings.features.snapshot_entries,
+            retry_s=settings.features.outage_retry_s,
         )
 
     @observe_latency("feature_fetch", "FeatureFetcher")
-    def fetch(self, user_ids: list[str]) -> list[UserFeatures]:
+    async def fetch(self, user_ids: list[str]) -> list[UserFeatures]:
         """A batch of users' own features in one round trip. The trending and popular lists
         are the same for everyone, so the Blender keeps them cached instead of every request
         carrying them along."""

@@ -87,3 +87,36 @@ def test_shared_lists_are_read_once_per_interval_and_survive_an_outage(tmp_path)
         assert lists.get()["popular"] == [("c", 9.0)] and lists.stale
     finally:
         server.stop()
+
+
+def test_after_a_failed_read_redis_is_left_alone_for_retry_s_then_tried_again():
+    """A hung Redis costs a whole socket timeout per attempt, on the replica's event loop: one
+    attempt per `retry_s`, the reads in between answered from the snapshot at once."""
+    from app.features.store import InMemoryOnlineStore
+
+    class Unreachable(InMemoryOnlineStore):
+        down, attempts = False, 0
+
+        def read(self, *args, **kwargs):
+            self.attempts += 1
+            if self.down:
+                raise redis.TimeoutError("Timeout reading from socket")
+            return super().read(*args, **kwargs)
+
+    now = [0.0]
+    store = Unreachable(clock=lambda: now[0])
+    store.write("ns1", USER, [("u1", {"n_plays": 3})])
+    store.publish(Published("ns1", REGISTRY, {}))
+    reader = FeatureReader(store, refresh_s=60, max_entries=10, clock=lambda: now[0], retry_s=1.0)
+    assert reader.read([("user_profile", "u1")]).rows == [{"n_plays": 3}]
+
+    store.down = True
+    before = store.attempts
+    reads = [reader.read([("user_profile", "u1")]) for _ in range(5)]
+    assert store.attempts == before + 1  # one attempt, then the breaker
+    assert all(r.stale and r.rows == [{"n_plays": 3}] for r in reads)
+
+    now[0] = 1.5  # past retry_s: the next read tries Redis again, and it is back
+    store.down = False
+    fresh = reader.read([("user_profile", "u1")])
+    assert not fresh.stale and store.attempts == before + 2

@@ -25,6 +25,7 @@ class SharedLists:
             read = self.reader.read([], rankings=[(name, self.n) for name in self.names])
             self._lists = dict(zip(self.names, read.rankings))
             self.stale = read.stale
-            # While stale, retry every call: Redis coming back should be noticed at once.
+            # While stale, ask on every call: Redis coming back is noticed as soon as the
+            # reader's breaker lets it try again (features.outage_retry_s).
             self._read_at = -float("inf") if read.stale else self.clock()
         return self._lists

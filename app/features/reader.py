@@ -4,6 +4,10 @@ Every successful read also lands in a bounded in-process snapshot (LRU by entity
 latest ranked lists). When Redis is unreachable the reader answers from that snapshot and
 flags the result stale, so a request degrades instead of failing: a user read recently still
 gets their features, anyone else gets the cold-start path with the cached popular list.
+
+After a failed read the reader does not try Redis again for `retry_s` (a circuit breaker):
+a Redis that hangs rather than refuses costs a whole socket timeout per attempt, and the
+serving replicas read on their event loop, so one attempt per interval, not one per request.
 """
 
 from __future__ import annotations
@@ -32,11 +36,13 @@ class FeatureRead:
 
 
 class FeatureReader:
-    def __init__(self, store: OnlineStore, refresh_s: float, max_entries: int, clock=time.monotonic):
+    def __init__(self, store: OnlineStore, refresh_s: float, max_entries: int, clock=time.monotonic, retry_s: float = 1.0):
         self.store = store
         self.refresh_s = refresh_s
         self.max_entries = max_entries
         self.clock = clock
+        self.retry_s = retry_s
+        self._down_until = -float("inf")
         self._published: Published | None = None
         self._checked = -float("inf")
         self._rows: OrderedDict[tuple[str, str], dict[str, Any] | None] = OrderedDict()
@@ -56,6 +62,8 @@ class FeatureReader:
     ) -> FeatureRead:
         """`requests` are (view name, entity id); `rankings` are (name, top n); `live` are
         un-versioned reads (recent plays, preferences) done in the same round trip."""
+        if self.clock() < self._down_until:
+            return self._from_snapshot(requests, rankings, live)
         try:
             published = self._current()
             if published is None:
@@ -63,7 +71,8 @@ class FeatureReader:
             views = [(published.registry[name], entity) for name, entity in requests]
             result = self.store.read(published.namespace, views, rankings, live)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
-            log.warning("online store unreachable, serving the local snapshot: %s", exc)
+            log.warning("online store unreachable, serving the local snapshot for %.1f s: %s", self.retry_s, exc)
+            self._down_until = self.clock() + self.retry_s
             return self._from_snapshot(requests, rankings, live)
         self._remember(requests, result.rows, rankings, result.rankings)
         return FeatureRead(result.rows, result.rankings, published.namespace, result.live, meta=published.meta)

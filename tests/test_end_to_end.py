@@ -3,6 +3,7 @@ three Ray Data jobs in parallel -> artifacts -> Redis feature store -> Serve DAG
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from collections import Counter
@@ -241,7 +242,11 @@ def test_ranking_knobs_change_without_restarting_replicas(system):
 
 
 def test_redis_outage_still_answers_200_degraded(system, tmp_path_factory):
-    """A second copy of the app on its own Redis, which we stop: recommendations degrade, not fail."""
+    """A second copy of the app on its own Redis, which first hangs (SIGSTOP: reads time out
+    rather than being refused, and the serving stages read on their event loops) and then
+    stops: recommendations degrade, not fail."""
+    import signal
+
     import redis
     from ray import serve
 
@@ -262,6 +267,15 @@ def test_redis_outage_still_answers_200_degraded(system, tmp_path_factory):
         known = system["world"].events["user_id"].iloc[0]
         fresh = api.get(f"/outage/v1/users/{known}/recommendations", params={"k": 10}).json()
         assert not fresh["degraded"] and len(fresh["items"]) == 10
+
+        os.kill(server.process.pid, signal.SIGSTOP)
+        try:
+            for user in (known, "someone-new", known):
+                resp = api.get(f"/outage/v1/users/{user}/recommendations", params={"k": 10})
+                assert resp.status_code == 200, resp.text
+                assert resp.json()["degraded"] is True and len(resp.json()["items"]) == 10
+        finally:
+            os.kill(server.process.pid, signal.SIGCONT)
 
         server.stop()
         for user in (known, "someone-new"):

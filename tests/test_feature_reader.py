@@ -1,7 +1,6 @@
 """Degraded mode against a real redis-server that we stop mid-test."""
 
 import pandas as pd
-import pytest
 import redis
 
 from app.config import PROJECT_ROOT

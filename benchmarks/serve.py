@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deployments.runtime import CLUSTER_ENV, apply_cluster_env, wait_http  # no Ray import: safe before the env is set
+from deployments.runtime import CLUSTER_ENV, REPLICA_ENV, apply_cluster_env, wait_http  # no Ray import: safe before the env is set
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _cpu_time import cpu_seconds  # noqa: E402  benchmarks/_cpu_time.py (this script's folder)
@@ -134,8 +134,6 @@ def bare_chain_app():
     """Same hops as the DAG, no work: what Serve itself costs for this shape."""
     from fastapi import FastAPI
     from ray import serve
-
-    from deployments.runtime import REPLICA_ENV
 
     api = FastAPI()
 
@@ -306,6 +304,7 @@ def main() -> None:
         "errors": int(sum(r["errors"] for r in ours.values())),
         "bare_errors": int(sum(r["errors"] for r in bare.values())),
         "cluster_env": {k: os.environ[k] for k in CLUSTER_ENV},
+        "replica_env": REPLICA_ENV,
         "candidates_per_source": 500,
         "k": 20,
     }

@@ -26,7 +26,6 @@ import time.
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 import threading
 import time
@@ -102,31 +101,16 @@ def record_job(job: str, outcome: str, seconds: float | None) -> None:
 
 
 def observe_latency(histogram: str, deployment: str) -> Callable:
-    """Decorator: time a method, plain or async, into `histogram`, tagged with the deployment."""
+    """Decorator: time an async method into `histogram`, tagged with the deployment."""
 
     def wrap(fn):
-        def record(t0: float) -> None:
-            metric(histogram).observe((time.perf_counter() - t0) * 1000, {"deployment": deployment})
-
-        if inspect.iscoroutinefunction(fn):
-
-            @functools.wraps(fn)
-            async def timed_async(*args, **kwargs):
-                t0 = time.perf_counter()
-                try:
-                    return await fn(*args, **kwargs)
-                finally:
-                    record(t0)
-
-            return timed_async
-
         @functools.wraps(fn)
-        def timed(*args, **kwargs):
+        async def timed(*args, **kwargs):
             t0 = time.perf_counter()
             try:
-                return fn(*args, **kwargs)
+                return await fn(*args, **kwargs)
             finally:
-                record(t0)
+                metric(histogram).observe((time.perf_counter() - t0) * 1000, {"deployment": deployment})
 
         return timed
 

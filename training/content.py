@@ -220,7 +220,7 @@ def _constant_q_chroma(sr: int) -> _ConstantQChroma:
     n_fft = filters.shape[1]
     basis = np.fft.fft(filters * (lengths[:, np.newaxis] / n_fft), n=n_fft, axis=1)[:, : n_fft // 2 + 1]
     kernel = librosa.util.sparsify_rows(basis, quantile=0.01, dtype=np.complex64)
-    kernel = kernel[:, : kernel.indices.max() + 1].tocsr()  # no bin above C7 reaches past this
+    kernel = kernel[:, : kernel.indices.max() + 1].tocsr()  # the spectrum above B6's band is never read
     to_chroma = librosa.filters.cq_to_chroma(
         len(freqs), bins_per_octave=CHROMA_BINS_PER_OCTAVE, n_chroma=12, fmin=CHROMA_FMIN
     ).astype(np.float32)
@@ -235,8 +235,8 @@ def _chroma(y: np.ndarray, sr: int) -> np.ndarray:
     labelled real clips STFT chroma (even with an 8192-point window) gets 1-4 more keys wrong.
     librosa's chroma_cqt rebuilds its wavelet kernels on every call and resamples per octave
     (about 70 ms of a 30 s clip); with the kernel cached and the clip decimated once (by soxr:
-    1.7 ms of a 30 s clip against 7 for scipy's polyphase filter) it costs about 8 ms, and the key estimates of the labelled clips are the same (correlations move in the
-    third decimal). tuning=0 (A440): estimating tuning needs a pitch track per clip and only
+    1.7 ms of a 30 s clip against 7 for scipy's polyphase filter) it costs about 8 ms, and the
+    key estimates of the labelled clips are the same (correlations move in the third decimal). tuning=0 (A440): estimating tuning needs a pitch track per clip and only
     helps recordings detuned by close to a quarter tone. The hop is coarse because chroma is
     only averaged over the clip.
     """
@@ -432,6 +432,8 @@ def _open_source(uri: str):
 
 
 RESAMPLED_FRAME = 1 << 14
+"""Samples per frame out of FFmpeg's resampler: 40 arrays of a 30 s clip instead of one per
+20 ms packet (1,500), the same samples for 6-10 ms less CPU."""
 
 
 def decode_audio(uri: str, sr: int, max_seconds: float) -> DecodedAudio:
@@ -464,8 +466,6 @@ def decode_audio(uri: str, sr: int, max_seconds: float) -> DecodedAudio:
                 raise TrackAudioError("undecodable", f"cannot decode audio {uri}: no audio stream")
             stream = container.streams.audio[0]
             total_seconds = _duration_s(container, stream)
-            # Output in frames of RESAMPLED_FRAME samples rather than one per 20 ms packet:
-            # 40 arrays of a 30 s clip instead of 1,500 (same samples, 6-10 ms less CPU).
             resampler = av.AudioResampler(format="flt", layout="mono", rate=sr, frame_size=RESAMPLED_FRAME)
             chunks, have = [], 0
             for frame in container.decode(stream):

@@ -118,15 +118,19 @@ def _load_process(kind: str, url: str, users: list[str], x: float, seconds: floa
 def run_load(kind: str, url: str, users: list[str], x: float, seconds: float) -> dict:
     """One load run; `cpu_ms_per_request` is the CPU the whole system under test spent per
     answered request (Ray cluster, HAProxy, Redis: every descendant of this driver but the
-    load generator). Unlike latency, other tenants of a shared machine do not inflate it."""
+    load generator). Unlike latency, other tenants of a shared machine do not inflate it.
+    `client_cpu_ms_per_request` is the load generator's own, spent on the same cores: at
+    saturation the two together are all the CPU there is."""
     before = cpu_seconds()
     queue: mp.Queue = mp.get_context("spawn").Queue()
     proc = mp.get_context("spawn").Process(target=_load_process, args=(kind, url, users, x, seconds, queue))
     proc.start()
     result = queue.get()
     proc.join()
-    server_cpu_s = cpu_seconds() - before - result.pop("client_cpu_s")
-    return {**result, "cpu_ms_per_request": server_cpu_s * 1000 / max(1, result["ok"])}
+    client_cpu_s = result.pop("client_cpu_s")
+    server_cpu_s = cpu_seconds() - before - client_cpu_s
+    n = max(1, result["ok"])
+    return {**result, "cpu_ms_per_request": server_cpu_s * 1000 / n, "client_cpu_ms_per_request": client_cpu_s * 1000 / n}
 
 
 # ------------------------------------------------------------------------------ the bare chain
@@ -276,7 +280,8 @@ def main() -> None:
             r = run_load("closed", url, users, args.workers, args.seconds)
             results[name]["saturation"] = r
             print(f"{name:>4} saturation ({args.workers} workers): {r['throughput_rps']:.0f} req/s  "
-                  f"p95 {r['p95_ms']:.1f} ms  errors {r['errors']}")
+                  f"p95 {r['p95_ms']:.1f} ms  errors {r['errors']}  CPU {r['cpu_ms_per_request']:.1f} ms/request "
+                  f"(load generator {r['client_cpu_ms_per_request']:.1f})")
     finally:
         try:
             serve.shutdown()
@@ -301,6 +306,11 @@ def main() -> None:
         "cpu_ms_per_request_50rps": round(ours[50]["cpu_ms_per_request"], 2),
         "bare_cpu_ms_per_request_50rps": round(bare[50]["cpu_ms_per_request"], 2),
         "cpu_ratio_vs_bare_50rps": round(ours[50]["cpu_ms_per_request"] / bare[50]["cpu_ms_per_request"], 3),
+        # At saturation: the system's CPU per request and the load generator's, which shares
+        # the cores and so caps both chains' throughput.
+        "cpu_ms_per_request_saturation": round(ours["saturation"]["cpu_ms_per_request"], 2),
+        "bare_cpu_ms_per_request_saturation": round(bare["saturation"]["cpu_ms_per_request"], 2),
+        "client_cpu_ms_per_request_saturation": round(ours["saturation"]["client_cpu_ms_per_request"], 2),
         "errors": int(sum(r["errors"] for r in ours.values())),
         "bare_errors": int(sum(r["errors"] for r in bare.values())),
         "cluster_env": {k: os.environ[k] for k in CLUSTER_ENV},

@@ -93,6 +93,7 @@ def stop_demo(settings: Settings, timeout_s: float = 60) -> None:
             pass
         pid_file.unlink(missing_ok=True)
     stop_all(settings)
+    log.info("the demo is stopped: no Ray, Serve or redis-server process of it is left")
 
 
 def _cluster_pids(temp_dir: Path) -> list[int]:
@@ -122,8 +123,10 @@ def _writes_into(proc: Path, folder: str) -> bool:
 
 
 def stop_ray(settings: Settings, timeout_s: float = 20) -> None:
-    _run(_bin("serve"), "shutdown", "-y", "--address", DASHBOARD, check=False, timeout=60)
     temp_dir = ray_temp_dir(settings)
+    if not _cluster_pids(temp_dir):
+        return  # the demo already stopped its cluster in order
+    _run(_bin("serve"), "shutdown", "-y", "--address", DASHBOARD, check=False, timeout=60)
     for sig in (signal.SIGTERM, signal.SIGKILL):
         pids = _cluster_pids(temp_dir)
         for pid in pids:

@@ -93,7 +93,11 @@ def stop_demo(settings: Settings, timeout_s: float = 60) -> None:
             pass
         pid_file.unlink(missing_ok=True)
     stop_all(settings)
-    log.info("the demo is stopped: no Ray, Serve or redis-server process of it is left")
+    left = _cluster_pids(ray_temp_dir(settings))
+    if left:
+        log.warning("processes of the demo's Ray cluster still running: %s", left)
+    else:
+        log.info("the demo is stopped")
 
 
 def _cluster_pids(temp_dir: Path) -> list[int]:

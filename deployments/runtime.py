@@ -1,9 +1,8 @@
-"""Process-level tuning shared by every Serve replica, and the environment an EchoTune Ray
-cluster starts with."""
+"""The environment an EchoTune Ray cluster starts with (CLUSTER_ENV), the one its app's
+replicas run with (REPLICA_ENV), and waiting for a route to answer."""
 
 from __future__ import annotations
 
-import gc
 import time
 from collections.abc import MutableMapping
 
@@ -58,20 +57,6 @@ def apply_cluster_env(environ: MutableMapping[str, str], own_side_ports: bool = 
         for key in ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT"):
             if key not in environ:
                 environ[key] = str(free_port())
-
-
-def settle_heap() -> None:
-    """Collect once, then take every object alive now out of the cyclic collector's view
-    (`gc.freeze`): what Serve does at the end of every replica's start-up
-    (RAY_SERVE_FREEZE_GC_ON_STARTUP, on by default), for code measured outside a replica.
-
-    A start-up heap (Ray, FastAPI, numpy, pandas, loaded models: hundreds of thousands of
-    objects) is otherwise re-scanned by every full collection, and request garbage triggers one
-    every few seconds under load. In benchmarks/feature_fetch.py that was the p99: a
-    500-entity read went from 34.8 ms to 4.2 ms at p99 once the heap was frozen.
-    """
-    gc.collect()
-    gc.freeze()
 
 
 def wait_http(url: str, timeout_s: float = 300) -> None:

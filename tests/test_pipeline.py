@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import uuid
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 
@@ -168,14 +169,22 @@ def test_trending_flag_off_skips_the_trending_job(first_run):
     assert ran == ["materialize", "parity"]  # content and CF ran as Ray tasks, trending nowhere
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _rayservice() -> dict:
+    """deploy/rayservice.yaml, parsed."""
+    import yaml
+
+    return yaml.safe_load((ROOT / "deploy" / "rayservice.yaml").read_text())
+
+
 def test_rayservice_manifest_holds_a_valid_echotune_serve_config():
     """deploy/rayservice.yaml embeds a Serve config: it must validate like ray_config.yaml."""
-    from pathlib import Path
-
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    doc = yaml.safe_load((Path(__file__).resolve().parents[1] / "deploy" / "rayservice.yaml").read_text())
+    doc = _rayservice()
     assert doc["kind"] == "RayService"
     serve_config = yaml.safe_load(doc["spec"]["serveConfigV2"])
     ServeDeploySchema.model_validate(serve_config)
@@ -187,13 +196,9 @@ def test_rayservice_manifest_holds_a_valid_echotune_serve_config():
 def test_every_rayservice_pod_starts_with_the_cluster_environment():
     """Serve reads its mode from the environment of every process (controller, HAProxy
     manager, replicas): a pod without it would run another Serve than the one tested."""
-    from pathlib import Path
-
-    import yaml
-
     from deployments.runtime import CLUSTER_ENV
 
-    spec = yaml.safe_load((Path(__file__).resolve().parents[1] / "deploy" / "rayservice.yaml").read_text())["spec"]
+    spec = _rayservice()["spec"]
     groups = [spec["rayClusterConfig"]["headGroupSpec"], *spec["rayClusterConfig"]["workerGroupSpecs"]]
     for group in groups:
         for container in group["template"]["spec"]["containers"]:
@@ -204,17 +209,13 @@ def test_every_rayservice_pod_starts_with_the_cluster_environment():
 def test_the_apps_replicas_run_their_router_on_their_own_loop_in_every_config():
     """REPLICA_ENV reaches the replicas through the app's runtime_env: both configs must carry
     it, or a deployed cluster would run a slower Serve than the one measured."""
-    from pathlib import Path
-
     import yaml
 
     from deployments.runtime import REPLICA_ENV
 
-    root = Path(__file__).resolve().parents[1]
-    manifest = yaml.safe_load((root / "deploy" / "rayservice.yaml").read_text())
     for name, config in (
-        ("ray_config.yaml", yaml.safe_load((root / "ray_config.yaml").read_text())),
-        ("deploy/rayservice.yaml", yaml.safe_load(manifest["spec"]["serveConfigV2"])),
+        ("ray_config.yaml", yaml.safe_load((ROOT / "ray_config.yaml").read_text())),
+        ("deploy/rayservice.yaml", yaml.safe_load(_rayservice()["spec"]["serveConfigV2"])),
     ):
         app = next(a for a in config["applications"] if a["name"] == "echotune")
         env = app.get("runtime_env", {}).get("env_vars", {})

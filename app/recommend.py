@@ -21,7 +21,7 @@ import numpy as np
 from app.config import ServingSettings
 from app.models import ModelBundle
 from app.prefs import UserPrefs
-from app.ranking.blend import blend_scores
+from app.ranking.blend import Reasons, blend_scores
 from app.ranking.filters import allowed
 from app.ranking.recency import MS_PER_DAY, recency_boost
 from app.ranking.rerank import mmr_rerank
@@ -83,7 +83,7 @@ class Blended:
     cold_start: bool
     track_ids: list[str]
     scores: np.ndarray
-    reasons: list[list[str]]
+    reasons: Reasons
     versions: dict[str, str]
     segment: str = "new"
     degraded: bool = False
@@ -146,7 +146,23 @@ def retrieve_content(batch: list[UserFeatures], bundle: ModelBundle | None, n: i
 def new_releases(bundle: ModelBundle, now_ms: int, days: float, n: int) -> Retrieved:
     fresh = np.flatnonzero(bundle.release_ms >= now_ms - days * MS_PER_DAY)
     order = fresh[np.argsort(-bundle.release_ms[fresh], kind="stable")][:n]
-    return Retrieved(bundle.track_ids[order].tolist(), bundle.release_ms[order].astype(np.float64))
+    return Retrieved(bundle.track_ids[order].tolist(), bundle.release_ms[order].astype(np.float64), order, bundle.versions.get("content"))
+
+
+def shared_candidates(bundle: ModelBundle, trending: list[tuple[str, float]], popular: list[tuple[str, float]]) -> dict[str, Retrieved]:
+    """The candidate lists every user shares (trending; popular, the bundle's own when the
+    feature store had none), resolved to catalog positions. The Blender resolves them once per
+    refresh and passes them to `blend_candidates` as `shared`, rather than every request
+    looking up the same thousand track ids."""
+    return {"trending": _in_catalog(bundle, trending), "popular": _in_catalog(bundle, popular or bundle.popular)}
+
+
+def _in_catalog(bundle: ModelBundle, items: list[tuple[str, float]]) -> Retrieved:
+    known = [(t, s) for t, s in items if t in bundle.index]
+    return Retrieved(
+        [t for t, _ in known], np.asarray([s for _, s in known], dtype=np.float64),
+        bundle.indices(t for t, _ in known), bundle.versions.get("content"),
+    )
 
 
 def _as_indices(bundle: ModelBundle, retrieved: Retrieved) -> tuple[np.ndarray, np.ndarray]:
@@ -159,10 +175,6 @@ def _as_indices(bundle: ModelBundle, retrieved: Retrieved) -> tuple[np.ndarray, 
     return np.asarray(idx, dtype=np.int64), np.asarray(scores, dtype=np.float64)
 
 
-def _ranked(items: list[tuple[str, float]]) -> Retrieved:
-    return Retrieved([t for t, _ in items], np.asarray([s for _, s in items], dtype=np.float64))
-
-
 def blend_candidates(
     features: UserFeatures,
     bundle: ModelBundle | None,
@@ -170,10 +182,12 @@ def blend_candidates(
     cf: Retrieved | None = None,
     content: Retrieved | None = None,
     now_ms: int | None = None,
+    shared: dict[str, Retrieved] | None = None,
 ) -> Blended:
     """Blend every source with the user's segment weights, add the recency boost, apply the
     hard filters. A user the models know nothing about is a cold start: only trending, new
-    releases and popular can speak for them."""
+    releases and popular can speak for them. `shared` is `shared_candidates` of this bundle
+    and the features' trending and popular lists, when the caller keeps it resolved."""
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     versions = {"features": features.feature_version} if features.feature_version else {}
     cold = features.cf_vector is None and not features.recent_tracks and not features.online_recent
@@ -183,19 +197,19 @@ def blend_candidates(
         items = [(t, s) for t, s in features.popular if t not in features.prefs.blocked_tracks]
         return Blended(
             features.user_id, True, [t for t, _ in items], np.asarray([s for _, s in items]),
-            [["popular"] for _ in items], versions, segment, features.stale,
+            Reasons.single("popular", len(items)), versions, segment, features.stale,
         )
 
     n = settings.candidates
+    shared = shared or shared_candidates(bundle, features.trending, features.popular)
     sources = {
         "cf": cf or Retrieved([], np.empty(0)),
         "content": content or Retrieved([], np.empty(0)),
-        "trending": _ranked(features.trending),
+        "trending": shared["trending"],
         "new_releases": new_releases(bundle, now_ms, settings.new_release_days, n),
-        # The replica's own popular list stands in when the feature store had none to give.
-        "popular": _ranked(features.popular or bundle.popular),
+        "popular": shared["popular"],
     }
-    items, scores, sources = blend_scores(
+    items, scores, reasons = blend_scores(
         {name: _as_indices(bundle, r) for name, r in sources.items()}, settings.weights_for(segment)
     )
     boosted = np.zeros(len(items), dtype=bool)
@@ -203,18 +217,20 @@ def blend_candidates(
         boost = recency_boost(bundle.release_ms[items], now_ms, settings.recency_half_life_days)
         scores = scores + settings.recency_weight * boost
         order = np.argsort(-scores, kind="stable")
-        items, scores, boosted = items[order], scores[order], (boost >= RECENCY_REASON_MIN)[order]
-    keep = allowed(
+        items, scores, reasons, boosted = items[order], scores[order], reasons[order], (boost >= RECENCY_REASON_MIN)[order]
+    # The excluded tracks as catalog positions: one integer set check over the candidates
+    # instead of a string lookup per candidate.
+    excluded = bundle.indices(features.exclude | features.prefs.blocked_tracks)
+    keep = ~np.isin(items, excluded) & allowed(
         bundle.track_ids[items],
         bundle.artists[items],
         bundle.explicit[items],
-        always_exclude=features.exclude,
-        blocked_tracks=features.prefs.blocked_tracks,
         blocked_artists=features.prefs.blocked_artists,
         allow_explicit=features.prefs.allow_explicit,
     )
-    items, scores, boosted = items[keep][: 2 * n], scores[keep][: 2 * n], boosted[keep][: 2 * n]
-    reasons = [r + ["recency_boost"] if b else r for r, b in zip(sources.lists(items), boosted.tolist())]
+    keep = np.flatnonzero(keep)[: 2 * n]
+    items, scores = items[keep], scores[keep]
+    reasons = reasons[keep].flag("recency_boost", boosted[keep])
     return Blended(
         user_id=features.user_id,
         cold_start=cold,
@@ -255,7 +271,7 @@ def rerank_candidates(blended: Blended, bundle: ModelBundle | None, k: int, sett
         order += _fill(blended, order, k - len(order), settings.fallback_chain)
     out = []
     for position, p in enumerate(order):
-        reasons = list(blended.reasons[p])
+        reasons = blended.reasons[p]
         if position > p:  # p is also its rank in the blend
             reasons.append("diversity_demoted")
         out.append(
@@ -270,7 +286,7 @@ def rerank_candidates(blended: Blended, bundle: ModelBundle | None, k: int, sett
 def _subset(blended: Blended, positions: list[int]) -> Blended:
     return replace(
         blended, track_ids=[blended.track_ids[p] for p in positions], scores=np.asarray(blended.scores)[positions],
-        reasons=[blended.reasons[p] for p in positions], indices=None,
+        reasons=blended.reasons[positions], indices=None,
     )
 
 

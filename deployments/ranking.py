@@ -26,7 +26,8 @@ from app.features.lists import SharedLists
 from app.features.reader import FeatureReader
 from app.features.store import RedisOnlineStore
 from app.keys import Keys
-from app.recommend import Blended, Retrieved, UserFeatures, blend_candidates, rerank_candidates
+from app.ranking.blend import Reasons
+from app.recommend import Blended, Retrieved, UserFeatures, blend_candidates, rerank_candidates, shared_candidates
 from app.redis_server import connect
 from app.schemas import RecommendationResponse
 from deployments.tuning import ModelServing, apply_overrides
@@ -43,6 +44,7 @@ class Blender(ModelServing):
             retry_s=settings.features.outage_retry_s,
         )
         self.lists = SharedLists(reader, ("trending", "popular"), settings.serving.candidates, settings.serving.reload_interval_s)
+        self._shared: tuple = (None, None, None)  # (lists, bundle, their shared_candidates)
 
     async def blend(
         self,
@@ -59,10 +61,20 @@ class Blender(ModelServing):
         for f in features:
             f.trending, f.popular = lists["trending"], lists["popular"]
             f.stale = f.stale or self.lists.stale
+        shared = self._shared_candidates(lists, bundle)
         return [
-            blend_candidates(f, bundle, apply_overrides(self.serving, p), cf=c, content=t)
+            blend_candidates(f, bundle, apply_overrides(self.serving, p), cf=c, content=t, shared=shared)
             for f, c, t, p in zip(features, cf, content, params)
         ]
+
+    def _shared_candidates(self, lists: dict, bundle) -> dict[str, Retrieved] | None:
+        """Resolved again only when the lists were re-read or the bundle reloaded (both are
+        replaced, not changed in place)."""
+        if bundle is None:
+            return None
+        if self._shared[0] is not lists or self._shared[1] is not bundle:
+            self._shared = (lists, bundle, shared_candidates(bundle, lists["trending"], lists["popular"]))
+        return self._shared[2]
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
@@ -83,7 +95,7 @@ class Reranker(ModelServing):
         responses = []
         for user_id, n, rid in zip(user_ids, k, request_id):
             blended = Blended(
-                user_id, True, [t for t, _ in items], np.asarray([s for _, s in items]), [["popular"] for _ in items], {}, degraded=True
+                user_id, True, [t for t, _ in items], np.asarray([s for _, s in items]), Reasons.single("popular", len(items)), {}, degraded=True
             )
             responses.append(self._response(blended, rerank_candidates(blended, bundle, n, self.serving), rid))
         return responses

@@ -1,6 +1,8 @@
+import pickle
+
 import numpy as np
 
-from app.ranking.blend import blend_scores, rank_normalise
+from app.ranking.blend import Reasons, blend_scores, rank_normalise
 from app.ranking.rerank import mmr_rerank
 from app.ranking.retrieval import content_candidates, top_k
 
@@ -23,8 +25,21 @@ def test_blend_credits_every_source_and_missing_source_contributes_nothing():
         {"cf": 1.0, "content": 1.0},
     )
     assert items.tolist() == [2, 1, 3]  # 2 is liked by both sources
-    assert sources[2] == ["cf", "content"] and sources[1] == ["cf"]
+    assert sources[0] == ["cf", "content"] and sources[1] == ["cf"] and sources[2] == ["content"]
     assert scores[0] == 0.5 + 1.0
+
+
+def test_reasons_follow_their_items_through_slicing_flags_and_the_wire():
+    _, _, reasons = blend_scores(
+        {"cf": (np.array([1, 2]), np.array([5.0, 1.0])), "trending": (np.array([2, 3]), np.array([3.0, 1.0]))},
+        {"cf": 1.0, "trending": 1.0},
+    )
+    boosted = reasons[np.array([2, 0])].flag("recency_boost", np.array([True, False]))
+    back = pickle.loads(pickle.dumps(boosted))
+    assert list(back) == [["trending", "recency_boost"], ["cf", "trending"]]
+    back[1].append("diversity_demoted")  # a caller's list is its own
+    assert back[1] == ["cf", "trending"] and len(back[:1]) == 1
+    assert list(Reasons.single("popular", 2)) == [["popular"], ["popular"]]
 
 
 def test_blend_ignores_sources_without_weight():

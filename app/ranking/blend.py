@@ -22,42 +22,60 @@ def rank_normalise(scores: np.ndarray) -> np.ndarray:
     return 1.0 - ranks / n
 
 
-class SourceSets:
-    """Which sources proposed each blended item (the reason codes), kept as one bitmask per
-    item: the lists are only built for the few hundred items that survive to the response."""
+class Reasons:
+    """The reason codes of ranked items (which sources proposed each, what boosted it), one
+    bitmask per item, bit j meaning `names[j]`. A blend ranks about a thousand candidates and
+    hands them on to the reranker, which names the reasons of only the k it keeps: one int
+    array travels and is sliced along with the candidates, instead of a thousand lists.
 
-    def __init__(self, names: list[str], items: np.ndarray, masks: np.ndarray):
-        self.names = names
-        self._items = items  # sorted unique item indices
-        self._masks = masks
-        self._lists: dict[int, list[str]] = {}
+    `reasons[p]` is item p's list of names (a new list: the caller may extend it); slicing or
+    indexing with an array gives the Reasons of those items."""
 
-    def _list(self, mask: int) -> list[str]:
-        if mask not in self._lists:
-            self._lists[mask] = [name for bit, name in enumerate(self.names) if mask >> bit & 1]
-        return self._lists[mask]
+    __slots__ = ("names", "masks")
 
-    def __getitem__(self, item: int) -> list[str]:
-        return list(self.lists(np.asarray([item]))[0])
+    def __init__(self, names: list[str], masks: np.ndarray):
+        if len(names) > 62:
+            raise ValueError("at most 62 reason codes fit a bitmask")
+        self.names = list(names)
+        self.masks = np.asarray(masks, dtype=np.int64)
 
-    def lists(self, items: np.ndarray) -> list[list[str]]:
-        """Source names per item, in source order; items of the same sources share one list
-        (copy before changing it)."""
-        if len(items) == 0:
-            return []
-        pos = np.searchsorted(self._items, items)
-        if not np.array_equal(self._items[np.minimum(pos, len(self._items) - 1)], items):
-            raise KeyError("an item no source proposed")
-        return [self._list(m) for m in self._masks[pos].tolist()]
+    @classmethod
+    def single(cls, name: str, n: int) -> "Reasons":
+        """n items that all have the one reason `name`."""
+        return cls([name], np.ones(n, dtype=np.int64))
+
+    def flag(self, name: str, where: np.ndarray) -> "Reasons":
+        """These reasons plus `name` for the items where `where` is true."""
+        bit = np.int64(1 << len(self.names))
+        return Reasons([*self.names, name], self.masks | np.where(where, bit, np.int64(0)))
+
+    def __len__(self) -> int:
+        return len(self.masks)
+
+    def __getitem__(self, key):
+        if isinstance(key, (int, np.integer)):
+            mask = int(self.masks[key])
+            return [name for bit, name in enumerate(self.names) if mask >> bit & 1]
+        return Reasons(self.names, self.masks[key])
+
+    def __iter__(self):
+        return (self[p] for p in range(len(self)))
+
+    def __getstate__(self):
+        return self.names, self.masks
+
+    def __setstate__(self, state) -> None:
+        self.names, self.masks = state
 
 
 def blend_scores(
     candidates: dict[str, tuple[np.ndarray, np.ndarray]], weights: dict[str, float]
-) -> tuple[np.ndarray, np.ndarray, SourceSets]:
+) -> tuple[np.ndarray, np.ndarray, Reasons]:
     """Merge per-source (item indices, scores) into one ranking.
 
     Returns item indices and blended scores sorted best first (ties in order of first
-    proposal), and the sources that proposed each item (the reason codes of the response).
+    proposal), and, in the same order, the sources that proposed each item (the reason codes
+    of the response).
     Sources without a weight are ignored. Vectorised: a request blends thousands of candidates.
     """
     names, item_parts, score_parts = [], [], []
@@ -69,7 +87,7 @@ def blend_scores(
         item_parts.append(np.asarray(items, dtype=np.int64))
         score_parts.append(weight * rank_normalise(scores))
     if not names:
-        return np.empty(0, dtype=np.int64), np.empty(0), SourceSets([], np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64))
+        return np.empty(0, dtype=np.int64), np.empty(0), Reasons([], np.empty(0, dtype=np.int64))
     items = np.concatenate(item_parts)
     bits = np.concatenate([np.full(len(part), 1 << j, dtype=np.int64) for j, part in enumerate(item_parts)])
     unique, inverse = np.unique(items, return_inverse=True)
@@ -79,4 +97,4 @@ def blend_scores(
     masks = np.zeros(len(unique), dtype=np.int64)
     np.bitwise_or.at(masks, inverse, bits)
     order = np.lexsort((first, -totals))
-    return unique[order], totals[order], SourceSets(names, unique, masks)
+    return unique[order], totals[order], Reasons(names, masks[order])

@@ -7,7 +7,8 @@ and folded into a running maximum, so the whole pass costs O(k · n) vector work
 
 Caps (at most `artist_cap` tracks per artist, at most `genre_cap` per genre: the genre
 balance) skip a candidate whose group is full and keep going down the list, so the response
-stays k long whenever enough other candidates exist, rather than shortening it.
+stays k long whenever enough other candidates exist, rather than shortening it. A skip
+changes no similarity, so the next best comes from the same gains without recomputing them.
 """
 
 from __future__ import annotations
@@ -37,15 +38,21 @@ def mmr_rerank(
     available = np.ones(n, dtype=bool)
     caps = [(g, c, {}) for g, c in ((artists, artist_cap), (genres, genre_cap)) if g is not None and c is not None]
     picked: list[int] = []
-    while len(picked) < k and available.any():
-        gain = lam * rel - (1.0 - lam) * max_sim
-        gain[~available] = -np.inf
+    gain = None
+    while len(picked) < k:
+        if gain is None:  # the gains change only when a pick changes max_sim
+            gain = lam * rel - (1.0 - lam) * max_sim
+            gain[~available] = -np.inf
         best = int(np.argmax(gain))
+        if gain[best] == -np.inf:  # nothing left
+            break
         available[best] = False
+        gain[best] = -np.inf
         if any(counts.get(groups[best], 0) >= cap for groups, cap, counts in caps):
-            continue
+            continue  # capped: the next best under the same gains
         for groups, _, counts in caps:
             counts[groups[best]] = counts.get(groups[best], 0) + 1
         picked.append(best)
         np.maximum(max_sim, emb @ emb[best], out=max_sim)
+        gain = None
     return np.asarray(picked, dtype=np.int64)

@@ -7,9 +7,11 @@ once (export -> batch jobs -> materialise; reused from --state when already ther
 the EchoTune app and, beside it, a bare chain with the same hops doing no work (ingress ->
 fetch -> {cf, content} -> blend -> rerank). A separate load-generator process sends requests
 at a fixed arrival rate (open loop: latency counts from the scheduled send time, so a slow
-server cannot slow the generator down) at 10, 50 and 100 requests/s, then at saturation
-(a fixed number of closed-loop workers). Every request asks for k=20 with serving.candidates
-set so the blend sees at least 500 candidates.
+server cannot slow the generator down) at 10, 50 and 100 requests/s, then at saturation:
+closed-loop workers at rising concurrency (32, 64, 128), each chain's saturation throughput
+being its best level (a chain that batches needs more requests in flight to fill its batches;
+the unbatched chain is flat across the levels). Every request asks for k=20 with
+serving.candidates set so the blend sees at least 500 candidates.
 """
 
 from __future__ import annotations
@@ -242,7 +244,7 @@ def prepare(args: dict, api: str, headers: dict | None = None) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=10.0, help="Seconds of load per rate.")
-    parser.add_argument("--workers", type=int, default=32, help="Closed-loop workers at saturation.")
+    parser.add_argument("--workers", default="32,64,128", help="Closed-loop concurrency levels for saturation.")
     parser.add_argument("--state", type=Path, default=Path(tempfile.gettempdir()) / "echotune-bench-serve")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -285,12 +287,14 @@ def main() -> None:
                 print(f"{name:>4} @ {rate:>3} req/s: p50 {r['p50_ms']:.1f} ms  p95 {r['p95_ms']:.1f} ms  "
                       f"p99 {r['p99_ms']:.1f} ms  ok {r['ok']}/{r['sent']}  errors {r['errors']}  "
                       f"CPU {r['cpu_ms_per_request']:.1f} ms/request")
-        for name, url in (("bare", bare_url), ("ours", ours_url)):
-            r = run_load("closed", url, users, args.workers, args.seconds)
-            results[name]["saturation"] = r
-            print(f"{name:>4} saturation ({args.workers} workers): {r['throughput_rps']:.0f} req/s  "
-                  f"p95 {r['p95_ms']:.1f} ms  errors {r['errors']}  CPU {r['cpu_ms_per_request']:.1f} ms/request "
-                  f"(load generator {r['client_cpu_ms_per_request']:.1f})")
+        for workers in [int(w) for w in args.workers.split(",")]:
+            for name, url in (("bare", bare_url), ("ours", ours_url)):
+                r = run_load("closed", url, users, workers, args.seconds)
+                results[name][f"closed_{workers}"] = r
+                print(f"{name:>4} closed loop, {workers:>3} workers: {r['throughput_rps']:.0f} req/s  "
+                      f"p95 {r['p95_ms']:.1f} ms  errors {r['errors']}  CPU {r['cpu_ms_per_request']:.1f} ms/request "
+                      f"(load generator {r['client_cpu_ms_per_request']:.1f})")
+
     finally:
         try:
             serve.shutdown()
@@ -299,6 +303,12 @@ def main() -> None:
             redis_server.stop()
 
     ours, bare = results["ours"], results["bare"]
+    by_workers = {
+        name: {k.removeprefix("closed_"): round(r["throughput_rps"], 1) for k, r in runs.items() if str(k).startswith("closed_")}
+        for name, runs in results.items()
+    }
+    for runs in (ours, bare):  # saturation: the best concurrency level
+        runs["saturation"] = max((r for k, r in runs.items() if str(k).startswith("closed_")), key=lambda r: r["throughput_rps"])
     summary = {
         "p50_ms_50rps": round(ours[50]["p50_ms"], 2),
         "p95_ms_50rps": round(ours[50]["p95_ms"], 2),
@@ -320,8 +330,11 @@ def main() -> None:
         "cpu_ms_per_request_saturation": round(ours["saturation"]["cpu_ms_per_request"], 2),
         "bare_cpu_ms_per_request_saturation": round(bare["saturation"]["cpu_ms_per_request"], 2),
         "client_cpu_ms_per_request_saturation": round(ours["saturation"]["client_cpu_ms_per_request"], 2),
-        "errors": int(sum(r["errors"] for r in ours.values())),
-        "bare_errors": int(sum(r["errors"] for r in bare.values())),
+        "p95_ms_saturation": round(ours["saturation"]["p95_ms"], 1),
+        "rps_by_workers": by_workers["ours"],
+        "bare_rps_by_workers": by_workers["bare"],
+        "errors": int(sum(r["errors"] for k, r in ours.items() if k != "saturation")),
+        "bare_errors": int(sum(r["errors"] for k, r in bare.items() if k != "saturation")),
         "cluster_env": {k: os.environ[k] for k in CLUSTER_ENV},
         "replica_env": REPLICA_ENV,
         "candidates_per_source": 500,

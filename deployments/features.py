@@ -23,6 +23,7 @@ from app.prefs import prefs_from_hash
 from app.recommend import UserFeatures, user_features_from_row
 from app.redis_server import connect
 from deployments.metrics import observe_latency
+from deployments.packed import Packed
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
@@ -39,7 +40,7 @@ class FeatureFetcher:
         )
 
     @observe_latency("feature_fetch", "FeatureFetcher")
-    async def fetch(self, user_ids: list[str]) -> list[UserFeatures]:
+    async def fetch(self, user_ids: list[str]) -> Packed[list[UserFeatures]]:
         """A batch of users' own features in one round trip. The trending and popular lists
         are the same for everyone, so the Blender keeps them cached instead of every request
         carrying them along."""
@@ -50,13 +51,13 @@ class FeatureFetcher:
             live.append(LiveRead("hash", self.keys.user_prefs(user_id)))
         read = self.reader.read([("user_profile", u) for u in user_ids], live=live)
         cf_version = read.meta.get("artifacts", {}).get("cf")
-        return [
+        return Packed([
             user_features_from_row(
                 user_id, row, [], [], read.namespace,
                 stale=read.stale, online_recent=recent, prefs=prefs_from_hash(prefs), cf_version=cf_version,
             )
             for user_id, row, recent, prefs in zip(user_ids, read.rows, read.live[0::2], read.live[1::2])
-        ]
+        ])
 
     def check_health(self) -> None:
         self.client.ping()

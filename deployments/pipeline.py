@@ -7,7 +7,8 @@
 The ingress gathers concurrent HTTP requests into a batch (app/batching.py) and every hop
 below carries the whole batch: per-call overhead, not the arithmetic, limits a Serve chain,
 so one call per stage for B requests is what lets the chain serve more than a chain of
-per-request calls could (benchmarks/serve.py measures that against a bare chain).
+per-request calls could (benchmarks/serve.py measures that against a bare chain). What a
+stage hands on to the next stages crosses the ingress packed (deployments/packed.py).
 
 The fast path schedules every stage at once, passing DeploymentResponses along without
 awaiting in the middle (Serve resolves them; CF and content run in parallel as soon as the
@@ -27,6 +28,7 @@ from ray.serve.handle import DeploymentHandle
 from app.recommend import Blended, UserFeatures
 from app.schemas import RecommendationResponse, RecommendedTrack
 from deployments.metrics import record_batch, record_fallback
+from deployments.packed import Packed
 
 log = logging.getLogger("ray.serve")
 
@@ -77,11 +79,11 @@ class RecommendationPipeline:
         ks, ids, params = [r.k for r in requests], [r.request_id for r in requests], [r.params for r in requests]
         features = await self._stage("fetch", self.fetcher.fetch.remote(users), None)
         if features is None:
-            features = [UserFeatures(u, known=False, stale=True) for u in users]
+            features = Packed([UserFeatures(u, known=False, stale=True) for u in users])
         cf = await self._stage("cf", self.cf.retrieve.remote(features), None)
         content = await self._stage("content", self.content.retrieve.remote(features), None)
-        blended: list[Blended] | None = await self._stage("blend", self.blender.blend.remote(features, cf, content, params), None)
-        if blended is None:
+        packed: Packed[list[Blended]] | None = await self._stage("blend", self.blender.blend.remote(features, cf, content, params), None)
+        if packed is None:
             # The blend is where trending and popular come in; without it, the reranker's own
             # popular list is the answer.
             responses = await self._stage("popular", self.reranker.popular.remote(users, ks, ids), None)
@@ -89,9 +91,10 @@ class RecommendationPipeline:
                 RecommendationResponse(user_id=u, request_id=i, cold_start=True, items=[], model_versions={}, degraded=True)
                 for u, i in zip(users, ids)
             ]
+        blended = packed.get()
         for b in blended:
             b.degraded = True
-        responses = await self._stage("rerank", self.reranker.rerank.remote(blended, ks, ids, params), None)
+        responses = await self._stage("rerank", self.reranker.rerank.remote(Packed(blended), ks, ids, params), None)
         return responses or [_unranked(b, k, i) for b, k, i in zip(blended, ks, ids)]
 
 

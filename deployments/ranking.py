@@ -30,6 +30,7 @@ from app.ranking.blend import Reasons
 from app.recommend import Blended, Retrieved, UserFeatures, blend_candidates, rerank_candidates, shared_candidates
 from app.redis_server import connect
 from app.schemas import RecommendationResponse
+from deployments.packed import Packed, unpack
 from deployments.tuning import ModelServing, apply_overrides
 
 
@@ -48,24 +49,25 @@ class Blender(ModelServing):
 
     async def blend(
         self,
-        features: list[UserFeatures],
-        cf: list[Retrieved] | None,
-        content: list[Retrieved] | None,
+        packed_features: Packed[list[UserFeatures]],
+        packed_cf: Packed[list[Retrieved]] | None,
+        packed_content: Packed[list[Retrieved]] | None,
         params: list[dict | None],
-    ) -> list[Blended]:
+    ) -> Packed[list[Blended]]:
         """`cf` or `content` is None when that retriever failed: blend without it."""
         bundle = self.models.get()
-        cf = cf if cf is not None else [None] * len(features)
-        content = content if content is not None else [None] * len(features)
+        features = packed_features.get()
+        cf = unpack(packed_cf) or [None] * len(features)
+        content = unpack(packed_content) or [None] * len(features)
         lists = self.lists.get()
         for f in features:
             f.trending, f.popular = lists["trending"], lists["popular"]
             f.stale = f.stale or self.lists.stale
         shared = self._shared_candidates(lists, bundle)
-        return [
+        return Packed([
             blend_candidates(f, bundle, apply_overrides(self.serving, p), cf=c, content=t, shared=shared)
             for f, c, t, p in zip(features, cf, content, params)
-        ]
+        ])
 
     def _shared_candidates(self, lists: dict, bundle) -> dict[str, Retrieved] | None:
         """Resolved again only when the lists were re-read or the bundle reloaded (both are
@@ -80,9 +82,10 @@ class Blender(ModelServing):
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
 class Reranker(ModelServing):
     async def rerank(
-        self, blended: list[Blended], k: list[int], request_id: list[str], params: list[dict | None]
+        self, packed_blended: Packed[list[Blended]], k: list[int], request_id: list[str], params: list[dict | None]
     ) -> list[RecommendationResponse]:
         bundle = self.models.get()
+        blended = packed_blended.get()
         return [
             self._response(b, rerank_candidates(b, bundle, n, apply_overrides(self.serving, p)), rid)
             for b, n, rid, p in zip(blended, k, request_id, params)

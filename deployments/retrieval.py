@@ -1,7 +1,8 @@
 """Candidate retrieval deployments, fanned out in parallel by the ingress.
 
 Each call carries the ingress's batch of requests (deployments/pipeline.py): a batch of users
-is one matrix product instead of many.
+is one matrix product instead of many. Features come in and candidates go out packed
+(deployments/packed.py).
 
 The methods are `async` though they never await: their work is a few milliseconds of numpy
 with no I/O, so it runs on the replica's event loop. A plain method is handed to a worker
@@ -17,6 +18,7 @@ from ray import serve
 from app.config import Settings
 from app.models import ModelBundle
 from app.recommend import Retrieved, UserFeatures, retrieve_cf, retrieve_content
+from deployments.packed import Packed
 from deployments.tuning import ModelServing
 
 
@@ -58,16 +60,16 @@ class CFRetriever(ModelServing):
                 self._fold_model = ImplicitALS.from_factors(dummy_users, bundle.item_factors, **bundle.cf_params)
         return self._fold_model
 
-    async def retrieve(self, batch: list[UserFeatures]) -> list[Retrieved]:
-        bundle = self.models.get()
+    async def retrieve(self, packed: Packed[list[UserFeatures]]) -> Packed[list[Retrieved]]:
+        bundle, batch = self.models.get(), packed.get()
         if bundle is None:
-            return [Retrieved([], np.empty(0)) for _ in batch]
+            return Packed([Retrieved([], np.empty(0)) for _ in batch])
         model = self._fold_in_model(bundle)
         pairs = [(f, fold_in_vector(f, bundle, model, self.serving.fresh_play_weight)) for f in batch]
-        return retrieve_cf(pairs, bundle, self.serving.candidates)
+        return Packed(retrieve_cf(pairs, bundle, self.serving.candidates))
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
 class ContentRetriever(ModelServing):
-    async def retrieve(self, batch: list[UserFeatures]) -> list[Retrieved]:
-        return retrieve_content(batch, self.models.get(), self.serving.candidates)
+    async def retrieve(self, packed: Packed[list[UserFeatures]]) -> Packed[list[Retrieved]]:
+        return Packed(retrieve_content(packed.get(), self.models.get(), self.serving.candidates))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import redis
 
-from app.features.registry import FeatureView, load_registry
+from app.features.registry import load_registry
 from app.features.store import InMemoryOnlineStore, LiveRead, Published, RedisOnlineStore
 from app.config import PROJECT_ROOT
 from app.keys import Keys

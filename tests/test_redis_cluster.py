@@ -18,7 +18,7 @@ from fastapi import HTTPException
 from redis.cluster import RedisCluster
 from redis.crc import key_slot
 
-from app.config import AuthSettings, ConfigError, ConsumerSettings, GatewaySettings, RateLimitSettings, ScopeLimit, settings_from_args
+from app.config import AuthSettings, ConfigError, GatewaySettings, RateLimitSettings, ScopeLimit, settings_from_args
 from app.events.auth import build_guard
 from app.events.consumer import OnlineUpdates, StreamConsumer
 from app.events.dead_letter import DeadLetterQueue

@@ -37,6 +37,9 @@ class ModelBundle:
     index: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # A numpy string array, not objects: a slice of it (a stage's candidates) pickles as
+        # one buffer instead of one string object per candidate.
+        self.track_ids = np.asarray(self.track_ids, dtype=str)
         self.index = {t: i for i, t in enumerate(self.track_ids.tolist())}
         n = len(self.track_ids)
         if len(self.release_ms) != n:

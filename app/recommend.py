@@ -14,6 +14,7 @@ users into one matrix product.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -69,9 +70,12 @@ class UserFeatures:
 class Retrieved:
     """One source's candidates for one user, by track id (ids survive a model reload), and by
     index into the catalog `catalog` (the content version) to skip the id lookups when the
-    blending replica holds the same catalog, as it does but for a reload in between."""
+    blending replica holds the same catalog, as it does but for a reload in between.
 
-    track_ids: list[str]
+    Candidates from the catalog carry their ids as a slice of the bundle's string array (one
+    buffer on the wire); lists from elsewhere as a list."""
+
+    track_ids: Sequence[str]
     scores: np.ndarray
     indices: np.ndarray | None = None
     catalog: str | None = None
@@ -81,7 +85,8 @@ class Retrieved:
 class Blended:
     user_id: str
     cold_start: bool
-    track_ids: list[str]
+    track_ids: Sequence[str]
+    """As in Retrieved."""
     scores: np.ndarray
     reasons: Reasons
     versions: dict[str, str]
@@ -114,7 +119,7 @@ def retrieve_cf(
     scores = users @ bundle.item_factors.T
     for row, i in enumerate(rows):
         idx, s = top_k(scores[row], n, _exclude_idx(bundle, batch[i][0]))
-        out[i] = Retrieved(bundle.track_ids[idx].tolist(), s, idx, bundle.versions.get("content"))
+        out[i] = Retrieved(bundle.track_ids[idx], s, idx, bundle.versions.get("content"))
     return out
 
 
@@ -139,14 +144,14 @@ def retrieve_content(batch: list[UserFeatures], bundle: ModelBundle | None, n: i
     sims = np.stack(centroids) @ bundle.embeddings.T
     for row, i in enumerate(rows):
         idx, s = top_k(sims[row], n, _exclude_idx(bundle, batch[i]))
-        out[i] = Retrieved(bundle.track_ids[idx].tolist(), s, idx, bundle.versions.get("content"))
+        out[i] = Retrieved(bundle.track_ids[idx], s, idx, bundle.versions.get("content"))
     return out
 
 
 def new_releases(bundle: ModelBundle, now_ms: int, days: float, n: int) -> Retrieved:
     fresh = np.flatnonzero(bundle.release_ms >= now_ms - days * MS_PER_DAY)
     order = fresh[np.argsort(-bundle.release_ms[fresh], kind="stable")][:n]
-    return Retrieved(bundle.track_ids[order].tolist(), bundle.release_ms[order].astype(np.float64), order, bundle.versions.get("content"))
+    return Retrieved(bundle.track_ids[order], bundle.release_ms[order].astype(np.float64), order, bundle.versions.get("content"))
 
 
 def shared_candidates(bundle: ModelBundle, trending: list[tuple[str, float]], popular: list[tuple[str, float]]) -> dict[str, Retrieved]:
@@ -234,7 +239,7 @@ def blend_candidates(
     return Blended(
         user_id=features.user_id,
         cold_start=cold,
-        track_ids=bundle.track_ids[items].tolist(),
+        track_ids=bundle.track_ids[items],
         scores=scores,
         reasons=reasons,
         versions={**bundle.versions, **versions},
@@ -248,7 +253,7 @@ def blend_candidates(
 def rerank_candidates(blended: Blended, bundle: ModelBundle | None, k: int, settings: ServingSettings) -> list[RecommendedTrack]:
     """MMR over the content embeddings with the artist cap and genre balance. If the caps leave
     the list short, it is filled from the remaining candidates in fallback-chain order."""
-    if bundle is None or not blended.track_ids:
+    if bundle is None or not len(blended.track_ids):
         return [
             RecommendedTrack(track_id=t, score=float(s), sources=r)
             for t, s, r in zip(blended.track_ids[:k], blended.scores[:k], blended.reasons[:k])

@@ -86,7 +86,7 @@ def test_cf_retrieval_is_one_product_for_a_batch_and_excludes_heard():
     c = UserFeatures("u2", True, cf_vector=np.array([0.0, 1.0]))
     d = UserFeatures("u3", False)
     ra, rc, rd = retrieve_cf([(a, a.cf_vector), (c, c.cf_vector), (d, None)], b, 3)
-    assert ra.track_ids == ["t1", "t2", "t3"] and rc.track_ids == ["t4", "t5", "t6"] and rd.track_ids == []
+    assert list(ra.track_ids) == ["t1", "t2", "t3"] and list(rc.track_ids) == ["t4", "t5", "t6"] and list(rd.track_ids) == []
 
 
 def test_content_retrieval_finds_neighbours_of_recent_plays():
@@ -94,7 +94,7 @@ def test_content_retrieval_finds_neighbours_of_recent_plays():
     b.embeddings[1] = b.embeddings[0] * 0.8 + b.embeddings[1] * 0.2
     b.embeddings /= np.linalg.norm(b.embeddings, axis=1, keepdims=True)
     (r,) = retrieve_content([UserFeatures("u", True, recent_tracks=["t0"], heard_recently=["t0"])], b, 1)
-    assert r.track_ids == ["t1"]
+    assert list(r.track_ids) == ["t1"]
 
 
 def test_blend_rank_normalises_and_credits_sources():
@@ -103,7 +103,7 @@ def test_blend_rank_normalises_and_credits_sources():
     cf = Retrieved(["t1", "t2"], np.array([9.0, 1.0]))
     content = Retrieved(["t2", "t3"], np.array([0.9, 0.1]))
     out = blend_candidates(f, b, settings(source_weights={"cf": 1.0, "content": 1.0}), cf=cf, content=content, now_ms=NOW)
-    assert out.track_ids[:3] == ["t2", "t1", "t3"]  # t2 is liked by both sources
+    assert list(out.track_ids[:3]) == ["t2", "t1", "t3"]  # t2 is liked by both sources
     assert out.reasons[0] == ["cf", "content"] and out.segment == "casual" and not out.cold_start
 
 
@@ -113,7 +113,7 @@ def test_recency_boost_lifts_a_new_release_and_says_so():
     cf = Retrieved(["t5", "t6"], np.array([2.0, 1.0]))
     flat = blend_candidates(f, b, settings(source_weights={"cf": 1.0}, new_release_days=0.001), cf=cf, now_ms=NOW)
     boosted = blend_candidates(f, b, settings(source_weights={"cf": 1.0}, recency_weight=1.0, new_release_days=0.001), cf=cf, now_ms=NOW)
-    assert flat.track_ids[:2] == ["t5", "t6"]
+    assert list(flat.track_ids[:2]) == ["t5", "t6"]
     assert boosted.track_ids[0] == "t6" and "recency_boost" in boosted.reasons[0]
 
 
@@ -123,7 +123,7 @@ def test_blend_filters_blocked_explicit_and_heard():
     f = UserFeatures("u", True, cf_vector=np.ones(2), heard_recently=["t5"], online_recent=["t6"], prefs=prefs)
     cf = Retrieved([f"t{i}" for i in range(8)], np.arange(8, 0, -1.0))
     out = blend_candidates(f, b, settings(source_weights={"cf": 1.0}), cf=cf, now_ms=NOW)
-    assert out.track_ids == []  # a0's tracks blocked, t4 hidden, t5 and t6 heard, t7 explicit
+    assert list(out.track_ids) == []  # a0's tracks blocked, t4 hidden, t5 and t6 heard, t7 explicit
 
 
 def test_cold_start_uses_only_history_free_sources():
@@ -173,7 +173,7 @@ def test_candidates_from_a_catalog_reloaded_in_between_are_matched_by_track_id()
     f = UserFeatures("u", True, cf_vector=np.ones(2))
     (cf,) = retrieve_cf([(f, np.array([1.0, 0.0]))], old, 3)  # t0, t1, t2 by position in `old`
     blended = blend_candidates(f, new, settings(source_weights={"cf": 1.0}), cf=cf, now_ms=NOW)
-    assert blended.track_ids == ["t1", "t2"]  # mapped by id; t0 is not in the new catalog
+    assert list(blended.track_ids) == ["t1", "t2"]  # mapped by id; t0 is not in the new catalog
     blended_old = blend_candidates(f, old, settings(source_weights={"cf": 1.0}), cf=cf, now_ms=NOW)
     ranked = rerank_candidates(blended_old, new, 3, settings())
     assert [i.track_id for i in ranked] == ["t1", "t2"]

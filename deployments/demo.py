@@ -284,7 +284,11 @@ def demo(config: str) -> None:
     except KeyboardInterrupt:
         pass
     finally:
-        log.info("stopping")
+        # A second Ctrl-C or SIGTERM (make forwards one, impatient hands press twice) must not
+        # abort the shutdown half way and leave Ray and Redis running.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+        log.info("stopping (further Ctrl-C ignored; `make stop` or kill -9 to force)")
         stop_ray(settings)
         if redis_proc is not None:
             redis_proc.stop()

@@ -294,7 +294,6 @@ def main() -> None:
                 print(f"{name:>4} closed loop, {workers:>3} workers: {r['throughput_rps']:.0f} req/s  "
                       f"p95 {r['p95_ms']:.1f} ms  errors {r['errors']}  CPU {r['cpu_ms_per_request']:.1f} ms/request "
                       f"(load generator {r['client_cpu_ms_per_request']:.1f})")
-
     finally:
         try:
             serve.shutdown()

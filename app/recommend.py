@@ -163,11 +163,9 @@ def shared_candidates(bundle: ModelBundle, trending: list[tuple[str, float]], po
 
 
 def _in_catalog(bundle: ModelBundle, items: list[tuple[str, float]]) -> Retrieved:
-    known = [(t, s) for t, s in items if t in bundle.index]
-    return Retrieved(
-        [t for t, _ in known], np.asarray([s for _, s in known], dtype=np.float64),
-        bundle.indices(t for t, _ in known), bundle.versions.get("content"),
-    )
+    by_id = Retrieved([t for t, _ in items], np.asarray([s for _, s in items], dtype=np.float64))
+    idx, scores = _as_indices(bundle, by_id)
+    return Retrieved(bundle.track_ids[idx], scores, idx, bundle.versions.get("content"))
 
 
 def _as_indices(bundle: ModelBundle, retrieved: Retrieved) -> tuple[np.ndarray, np.ndarray]:

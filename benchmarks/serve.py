@@ -279,6 +279,7 @@ def main() -> None:
             run_load("open", url, users, 20, 3)
 
         results: dict[str, dict] = {"ours": {}, "bare": {}}
+        closed: dict[str, dict] = {"ours": {}, "bare": {}}  # closed-loop runs by concurrency
         for rate in RATES:
             # Interleave the two so drift on a shared machine hits both alike.
             for name, url in (("bare", bare_url), ("ours", ours_url)):
@@ -290,7 +291,7 @@ def main() -> None:
         for workers in [int(w) for w in args.workers.split(",")]:
             for name, url in (("bare", bare_url), ("ours", ours_url)):
                 r = run_load("closed", url, users, workers, args.seconds)
-                results[name][f"closed_{workers}"] = r
+                closed[name][workers] = r
                 print(f"{name:>4} closed loop, {workers:>3} workers: {r['throughput_rps']:.0f} req/s  "
                       f"p95 {r['p95_ms']:.1f} ms  errors {r['errors']}  CPU {r['cpu_ms_per_request']:.1f} ms/request "
                       f"(load generator {r['client_cpu_ms_per_request']:.1f})")
@@ -302,12 +303,8 @@ def main() -> None:
             redis_server.stop()
 
     ours, bare = results["ours"], results["bare"]
-    by_workers = {
-        name: {k.removeprefix("closed_"): round(r["throughput_rps"], 1) for k, r in runs.items() if str(k).startswith("closed_")}
-        for name, runs in results.items()
-    }
-    for runs in (ours, bare):  # saturation: the best concurrency level
-        runs["saturation"] = max((r for k, r in runs.items() if str(k).startswith("closed_")), key=lambda r: r["throughput_rps"])
+    by_workers = {name: {str(w): round(r["throughput_rps"], 1) for w, r in runs.items()} for name, runs in closed.items()}
+    ours_sat, bare_sat = (max(closed[name].values(), key=lambda r: r["throughput_rps"]) for name in ("ours", "bare"))
     summary = {
         "p50_ms_50rps": round(ours[50]["p50_ms"], 2),
         "p95_ms_50rps": round(ours[50]["p95_ms"], 2),
@@ -316,9 +313,9 @@ def main() -> None:
         "p95_ratio_vs_bare": round(ours[50]["p95_ms"] / bare[50]["p95_ms"], 3),
         "p95_ms_10rps": round(ours[10]["p95_ms"], 2),
         "p95_ms_100rps": round(ours[100]["p95_ms"], 2),
-        "rps_saturation": round(ours["saturation"]["throughput_rps"], 1),
-        "bare_rps_saturation": round(bare["saturation"]["throughput_rps"], 1),
-        "rps_ratio_vs_bare": round(ours["saturation"]["throughput_rps"] / bare["saturation"]["throughput_rps"], 3),
+        "rps_saturation": round(ours_sat["throughput_rps"], 1),
+        "bare_rps_saturation": round(bare_sat["throughput_rps"], 1),
+        "rps_ratio_vs_bare": round(ours_sat["throughput_rps"] / bare_sat["throughput_rps"], 3),
         # CPU the system spent per request at 50 req/s: robust to a noisy machine, and what
         # the latency goal is up against (at 50 req/s, 20 ms per request is half of 2 cores).
         "cpu_ms_per_request_50rps": round(ours[50]["cpu_ms_per_request"], 2),
@@ -326,14 +323,14 @@ def main() -> None:
         "cpu_ratio_vs_bare_50rps": round(ours[50]["cpu_ms_per_request"] / bare[50]["cpu_ms_per_request"], 3),
         # At saturation: the system's CPU per request and the load generator's, which shares
         # the cores and so caps both chains' throughput.
-        "cpu_ms_per_request_saturation": round(ours["saturation"]["cpu_ms_per_request"], 2),
-        "bare_cpu_ms_per_request_saturation": round(bare["saturation"]["cpu_ms_per_request"], 2),
-        "client_cpu_ms_per_request_saturation": round(ours["saturation"]["client_cpu_ms_per_request"], 2),
-        "p95_ms_saturation": round(ours["saturation"]["p95_ms"], 1),
+        "cpu_ms_per_request_saturation": round(ours_sat["cpu_ms_per_request"], 2),
+        "bare_cpu_ms_per_request_saturation": round(bare_sat["cpu_ms_per_request"], 2),
+        "client_cpu_ms_per_request_saturation": round(ours_sat["client_cpu_ms_per_request"], 2),
+        "p95_ms_saturation": round(ours_sat["p95_ms"], 1),
         "rps_by_workers": by_workers["ours"],
         "bare_rps_by_workers": by_workers["bare"],
-        "errors": int(sum(r["errors"] for k, r in ours.items() if k != "saturation")),
-        "bare_errors": int(sum(r["errors"] for k, r in bare.items() if k != "saturation")),
+        "errors": int(sum(r["errors"] for r in [*ours.values(), *closed["ours"].values()])),
+        "bare_errors": int(sum(r["errors"] for r in [*bare.values(), *closed["bare"].values()])),
         "cluster_env": {k: os.environ[k] for k in CLUSTER_ENV},
         "replica_env": REPLICA_ENV,
         "candidates_per_source": 500,

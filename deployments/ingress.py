@@ -115,26 +115,34 @@ class ApiIngress:
             return _unprocessable(
                 [{"loc": ["query", "k"], "msg": f"k must be between 1 and {self.settings.serving.max_k}", "type": "value_error"}]
             )
-        # Already a validated model: serialise it once here rather than have FastAPI validate
-        # it against `response_model` again (`response_model` still documents it).
-        return Response((await self.recommend(user_id, k)).model_dump_json(), media_type="application/json")
+        # Already rendered JSON: FastAPI does not validate a Response against `response_model`
+        # again (`response_model` still documents it).
+        return Response(await self._answer(user_id, k), media_type="application/json")
 
     async def recommend(self, user_id: str, k: int = 20) -> RecommendationResponse:
         """The recommendation answer; Python callers use it through a DeploymentHandle
-        (`handle.recommend.remote(user_id, k)`), the HTTP route above wraps it."""
+        (`handle.recommend.remote(user_id, k)`), the HTTP route above serves its JSON."""
+        return RecommendationResponse.model_validate_json(await self._answer(user_id, k))
+
+    async def _answer(self, user_id: str, k: int) -> str:
+        """The answer's JSON as the Reranker rendered it (deployments/ranking.py), labelled with
+        the user's experiment and variant when they are in one."""
         if not 1 <= k <= self.settings.serving.max_k:
             raise ValueError(f"k must be between 1 and {self.settings.serving.max_k}, got {k}")
         request_id = uuid.uuid4().hex
         started = time.perf_counter()
         assignments, params = self.experiments.assign(user_id)
         params = with_flags(params, self.settings.serving, self.settings.flags.hybrid_reco)
-        response = self.experiments.label(await self.batcher.submit(RecommendationRequest(user_id, k, request_id, params)), assignments)
-        if assignments:  # exposures are appended off the request path
-            latency_ms = round((time.perf_counter() - started) * 1000)
-            task = asyncio.create_task(asyncio.to_thread(self.experiments.log_exposures, response, assignments, latency_ms))
-            self._exposure_tasks.add(task)
-            task.add_done_callback(self._exposure_tasks.discard)
-        return response
+        rendered = await self.batcher.submit(RecommendationRequest(user_id, k, request_id, params))
+        if not assignments:
+            return rendered
+        response = self.experiments.label(RecommendationResponse.model_validate_json(rendered), assignments)
+        # Exposures are appended off the request path.
+        latency_ms = round((time.perf_counter() - started) * 1000)
+        task = asyncio.create_task(asyncio.to_thread(self.experiments.log_exposures, response, assignments, latency_ms))
+        self._exposure_tasks.add(task)
+        task.add_done_callback(self._exposure_tasks.discard)
+        return response.model_dump_json()
 
     @api.get("/v1/trending", tags=["recommendations"], responses={422: {"description": "`detail[].loc` names the bad parameter."}})
     async def trending(

@@ -53,7 +53,8 @@ class RecommendationPipeline:
         self.fetcher, self.cf, self.content, self.blender, self.reranker = fetcher, cf, content, blender, reranker
         self.fallbacks_taken = 0
 
-    async def run(self, requests: list[RecommendationRequest]) -> list[RecommendationResponse]:
+    async def run(self, requests: list[RecommendationRequest]) -> list[str]:
+        """Each request's answer as JSON, rendered by the Reranker (or here on the slow path)."""
         record_batch(len(requests))
         users = [r.user_id for r in requests]
         params = [r.params for r in requests]
@@ -74,7 +75,7 @@ class RecommendationPipeline:
             log.warning("stage %s failed: %s", name, exc)
             return default
 
-    async def _degraded(self, requests: list[RecommendationRequest]) -> list[RecommendationResponse]:
+    async def _degraded(self, requests: list[RecommendationRequest]) -> list[str]:
         users = [r.user_id for r in requests]
         ks, ids, params = [r.k for r in requests], [r.request_id for r in requests], [r.params for r in requests]
         features = await self._stage("fetch", self.fetcher.fetch.remote(users), None)
@@ -88,14 +89,14 @@ class RecommendationPipeline:
             # popular list is the answer.
             responses = await self._stage("popular", self.reranker.popular.remote(users, ks, ids), None)
             return responses or [
-                RecommendationResponse(user_id=u, request_id=i, cold_start=True, items=[], model_versions={}, degraded=True)
+                RecommendationResponse(user_id=u, request_id=i, cold_start=True, items=[], model_versions={}, degraded=True).model_dump_json()
                 for u, i in zip(users, ids)
             ]
         blended = packed.get()
         for b in blended:
             b.degraded = True
         responses = await self._stage("rerank", self.reranker.rerank.remote(Packed(blended), ks, ids, params), None)
-        return responses or [_unranked(b, k, i) for b, k, i in zip(blended, ks, ids)]
+        return responses or [_unranked(b, k, i).model_dump_json() for b, k, i in zip(blended, ks, ids)]
 
 
 def _unranked(blended: Blended, k: int, request_id: str) -> RecommendationResponse:

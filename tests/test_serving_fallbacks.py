@@ -82,7 +82,7 @@ class Stages:
             RecommendationResponse(
                 user_id=b.user_id, request_id=i, cold_start=False, degraded=b.degraded, model_versions=b.versions,
                 items=[RecommendedTrack(track_id=t, score=1.0, sources=["reranked"]) for t in reversed(b.track_ids[:k])],
-            )
+            ).model_dump_json()
             for b, k, i in zip(packed.get(), ks, ids)
         ]
 
@@ -90,7 +90,7 @@ class Stages:
         self._check("popular")
         return [
             RecommendationResponse(user_id=u, request_id=i, cold_start=True, degraded=True, model_versions={},
-                                   items=[RecommendedTrack(track_id="t0", score=1.0, sources=["popular"])])
+                                   items=[RecommendedTrack(track_id="t0", score=1.0, sources=["popular"])]).model_dump_json()
             for u, i in zip(users, ids)
         ]
 
@@ -102,7 +102,8 @@ def answer(*down, users=("u1", "u2")):
         Handle(blend=stages.blend), Handle(rerank=stages.rerank, popular=stages.popular),
     )
     requests = [RecommendationRequest(u, 3, f"r-{u}") for u in users]
-    return asyncio.run(pipeline.run(requests)), pipeline
+    rendered = asyncio.run(pipeline.run(requests))
+    return [RecommendationResponse.model_validate_json(r) for r in rendered], pipeline
 
 
 def test_all_stages_up_gives_the_reranked_answer_not_degraded(ray_cluster):

@@ -16,6 +16,10 @@ def rank_normalise(scores: np.ndarray) -> np.ndarray:
     n = len(scores)
     if n == 0:
         return scores
+    if (scores[:-1] >= scores[1:]).all():
+        # Already best first, as every retriever returns its list: the ranks are the positions
+        # (what the stable sort below would give), without sorting.
+        return 1.0 - np.arange(n) / n
     order = np.argsort(-scores, kind="stable")
     ranks = np.empty(n)
     ranks[order] = np.arange(n)
@@ -90,10 +94,9 @@ def blend_scores(
         return np.empty(0, dtype=np.int64), np.empty(0), Reasons([], np.empty(0, dtype=np.int64))
     items = np.concatenate(item_parts)
     bits = np.concatenate([np.full(len(part), 1 << j, dtype=np.int64) for j, part in enumerate(item_parts)])
-    unique, inverse = np.unique(items, return_inverse=True)
+    # return_index: each item's first proposal (numpy sorts stably when asked for it).
+    unique, first, inverse = np.unique(items, return_index=True, return_inverse=True)
     totals = np.bincount(inverse, weights=np.concatenate(score_parts), minlength=len(unique))
-    first = np.full(len(unique), len(items), dtype=np.int64)
-    np.minimum.at(first, inverse, np.arange(len(items)))
     masks = np.zeros(len(unique), dtype=np.int64)
     np.bitwise_or.at(masks, inverse, bits)
     order = np.lexsort((first, -totals))

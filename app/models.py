@@ -35,12 +35,17 @@ class ModelBundle:
     popular: list[tuple[str, float]] = field(default_factory=list)
     """Popular tracks from the trending artifact: the last-resort list when Redis is down."""
     index: dict[str, int] = field(default_factory=dict)
+    artist_codes: np.ndarray = field(init=False)
+    genre_codes: np.ndarray = field(init=False)
+    """Artists and genres as integers (-1: unknown): the re-ranker's caps compare them."""
 
     def __post_init__(self) -> None:
         # A numpy string array, not objects: a slice of it (a stage's candidates) pickles as
         # one buffer instead of one string object per candidate.
         self.track_ids = np.asarray(self.track_ids, dtype=str)
         self.index = {t: i for i, t in enumerate(self.track_ids.tolist())}
+        self.artist_codes = pd.factorize(np.asarray(self.artists, dtype=object))[0]
+        self.genre_codes = pd.factorize(np.asarray(self.genres, dtype=object))[0]
         n = len(self.track_ids)
         if len(self.release_ms) != n:
             self.release_ms = np.full(n, np.nan)

@@ -267,22 +267,20 @@ def rerank_candidates(blended: Blended, bundle: ModelBundle | None, k: int, sett
     genre_cap = max(1, int(np.floor(settings.genre_max_share * k)))
     order = mmr_rerank(
         blended.scores, bundle.embeddings[idx], k, settings.mmr_lambda,
-        artists=bundle.artists[idx], artist_cap=settings.artist_cap,
-        genres=bundle.genres[idx], genre_cap=genre_cap,
+        artists=bundle.artist_codes[idx], artist_cap=settings.artist_cap,
+        genres=bundle.genre_codes[idx], genre_cap=genre_cap,
     ).tolist()
     if len(order) < k:
         order += _fill(blended, order, k - len(order), settings.fallback_chain)
-    out = []
-    for position, p in enumerate(order):
-        reasons = blended.reasons[p]
+    picked, out = np.asarray(order, dtype=np.int64), []
+    columns = zip(
+        order, np.asarray(blended.track_ids)[picked].tolist(), np.asarray(blended.scores)[picked].tolist(),
+        blended.reasons[picked], bundle.artists[idx[picked]].tolist(), bundle.genres[idx[picked]].tolist(),
+    )
+    for position, (p, track_id, score, reasons, artist, genre) in enumerate(columns):
         if position > p:  # p is also its rank in the blend
             reasons.append("diversity_demoted")
-        out.append(
-            RecommendedTrack(
-                track_id=blended.track_ids[p], score=float(blended.scores[p]), sources=reasons,
-                artist_id=bundle.artists[idx[p]], genre=bundle.genres[idx[p]],
-            )
-        )
+        out.append(RecommendedTrack(track_id=track_id, score=score, sources=reasons, artist_id=artist, genre=genre))
     return out
 
 

@@ -57,8 +57,6 @@ sys.path.insert(0, str(ROOT))
 
 BATCH = 100
 TARGET_EVENTS_PER_S, TARGET_P99_MS = 10_000, 25.0
-QUIET = {"log_level": "WARNING", "enable_access_log": False}
-"""Serve logging of every app here, as ray_config.yaml sets it for the real one."""
 
 
 class Bodies:
@@ -284,7 +282,7 @@ def main() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # Ray's workers default to nice 15; the generator and redis-server here run at nice 0.
     os.environ.setdefault("RAY_worker_niceness", "0")
-    from deployments.runtime import CLUSTER_ENV, apply_cluster_env, wait_http
+    from deployments.runtime import CLUSTER_ENV, apply_cluster_env, serve_logging_config, wait_http
 
     # As deployed: Serve's high-throughput mode behind HAProxy, the malloc arena cap.
     apply_cluster_env(os.environ, own_side_ports=True)
@@ -306,7 +304,7 @@ def main() -> None:
     client = redis.Redis.from_url(server.url)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=str(tmp / "ray"))
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=QUIET)
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=serve_logging_config())
     base = f"http://127.0.0.1:{port}"
 
     bare_api = FastAPI()
@@ -339,7 +337,7 @@ def main() -> None:
     # elsewhere on the machine drifting over the run hits every variant alike.
     variants: list[Variant] = []
     try:
-        serve.run(BareXadd.bind(server.url), name="bare", route_prefix="/bare", logging_config=QUIET)
+        serve.run(BareXadd.bind(server.url), name="bare", route_prefix="/bare", logging_config=serve_logging_config())
         wait_http(f"{base}/bare/healthz")
         variants.append(Variant("bare", "bare", f"{base}/bare/v1/events", {"Content-Type": "application/json"}, "bare:events", redis_pid))
         for replicas, in_process in [(1, True), (2, True)] + ([(1, False)] if args.with_gateway_hop else []):
@@ -352,7 +350,7 @@ def main() -> None:
                 "gateway": {"in_process": in_process},
             })
             gateway = None if in_process else EventGateway.options(num_replicas=replicas).bind(settings)
-            serve.run(ApiIngress.options(num_replicas=replicas).bind(settings, gateway, None, None, None), name=prefix, route_prefix=f"/{prefix}", logging_config=QUIET)
+            serve.run(ApiIngress.options(num_replicas=replicas).bind(settings, gateway, None, None, None), name=prefix, route_prefix=f"/{prefix}", logging_config=serve_logging_config())
             wait_http(f"{base}/{prefix}/healthz")
             headers = {"Authorization": f"Bearer {ApiKeyStore(client, Keys(prefix)).create({'ingest'}).token}", "Content-Type": "application/json"}
             variants.append(Variant(name, prefix, f"{base}/{prefix}/v1/events", headers, settings.redis.stream_key, redis_pid, Keys(prefix).dedup()))

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deployments.runtime import CLUSTER_ENV, REPLICA_ENV, apply_cluster_env, wait_http  # no Ray import: safe before the env is set
+from deployments.runtime import CLUSTER_ENV, REPLICA_ENV, apply_cluster_env, serve_logging_config, wait_http  # no Ray import: safe before the env is set
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _cpu_time import cpu_seconds  # noqa: E402  benchmarks/_cpu_time.py (this script's folder)
@@ -207,7 +207,7 @@ def start_local_serve(state: Path, redis_url: str) -> tuple[int, dict]:
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config={"log_level": "WARNING", "enable_access_log": False})
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=serve_logging_config())
     return port, settings_args(state, redis_url, {"n_users": 400, "n_tracks": 800, "n_artists": 80, "clip_seconds": 2.0})
 
 
@@ -263,10 +263,10 @@ def main() -> None:
     redis_server = start_redis(args.state)
     try:
         port, app_args = start_local_serve(args.state, redis_server.url)
-        serve.run(build_app(app_args), name="echotune", route_prefix="/")
+        serve.run(build_app(app_args), name="echotune", route_prefix="/", logging_config=serve_logging_config())
         wait_http(f"http://127.0.0.1:{port}/healthz")
         prepare(app_args, f"http://127.0.0.1:{port}")
-        serve.run(bare_chain_app(), name="bare", route_prefix="/bare")
+        serve.run(bare_chain_app(), name="bare", route_prefix="/bare", logging_config=serve_logging_config())
         users = pd.read_parquet(args.state / "world" / "users.parquet")["user_id"].tolist()
         wait_http(f"http://127.0.0.1:{port}/bare/v1/users/{users[0]}/recommendations")
         ours_url = f"http://127.0.0.1:{port}/v1/users/{{user}}/recommendations?k=20"

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import MutableMapping
+from pathlib import Path
 
 import httpx
+import yaml
 
+from app.config import PROJECT_ROOT
 from app.redis_server import free_port
 
 # Serve reads these when it is imported, in the controller and proxy as much as in replicas,
@@ -57,6 +60,13 @@ def apply_cluster_env(environ: MutableMapping[str, str], own_side_ports: bool = 
         for key in ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT"):
             if key not in environ:
                 environ[key] = str(free_port())
+
+
+def serve_logging_config(config_path: Path = PROJECT_ROOT / "ray_config.yaml") -> dict:
+    """The config file's Serve `logging_config`, for apps started with `serve.run` (scripts,
+    benchmarks): `serve deploy` applies it to every app, `serve.run` to none, and replicas left
+    at Serve's default log level build a log record for every request they serve."""
+    return yaml.safe_load(Path(config_path).read_text())["logging_config"]
 
 
 def wait_http(url: str, timeout_s: float = 300) -> None:

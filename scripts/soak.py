@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from deployments.runtime import apply_cluster_env, wait_http  # noqa: E402
+from deployments.runtime import apply_cluster_env, serve_logging_config, wait_http  # noqa: E402
 from benchmarks.serve import prepare, start_local_serve, start_redis  # noqa: E402
 
 WARMUP_S = 60.0
@@ -225,7 +225,7 @@ def main() -> None:
         settings = settings_from_args(app_args)
         client = redis.Redis.from_url(redis_server.url)
         key = ApiKeyStore(client, Keys(settings.redis.key_prefix)).create({"ingest", "read"}).token
-        serve.run(build_app(app_args), name="echotune", route_prefix="/")
+        serve.run(build_app(app_args), name="echotune", route_prefix="/", logging_config=serve_logging_config())
         api = f"http://127.0.0.1:{port}"
         wait_http(f"{api}/healthz")
         prepare(app_args, api, headers={"Authorization": f"Bearer {key}"})

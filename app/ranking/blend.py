@@ -63,7 +63,11 @@ class Reasons:
         return Reasons(self.names, self.masks[key])
 
     def __iter__(self):
-        return (self[p] for p in range(len(self)))
+        named: dict[int, tuple[str, ...]] = {}  # a list has few distinct masks: name each once
+        for mask in self.masks.tolist():
+            if mask not in named:
+                named[mask] = tuple(name for bit, name in enumerate(self.names) if mask >> bit & 1)
+            yield list(named[mask])
 
     def __getstate__(self):
         return self.names, self.masks

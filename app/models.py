@@ -38,6 +38,11 @@ class ModelBundle:
     artist_codes: np.ndarray = field(init=False)
     genre_codes: np.ndarray = field(init=False)
     """Artists and genres as integers (-1: unknown): the re-ranker's caps compare them."""
+    newest_first: np.ndarray = field(init=False)
+    """Positions of the tracks with a release time, newest first (ties in catalogue order), and
+    minus their release times (ascending): a request finds the new releases by binary search
+    instead of scanning the catalogue."""
+    newest_first_neg_ms: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
         # A numpy string array, not objects: a slice of it (a stage's candidates) pickles as
@@ -51,6 +56,9 @@ class ModelBundle:
             self.release_ms = np.full(n, np.nan)
         if len(self.explicit) != n:
             self.explicit = np.zeros(n, dtype=bool)
+        dated = np.flatnonzero(~np.isnan(self.release_ms))
+        self.newest_first = dated[np.argsort(-self.release_ms[dated], kind="stable")]
+        self.newest_first_neg_ms = -self.release_ms[self.newest_first]
 
     def indices(self, track_ids) -> np.ndarray:
         return np.fromiter((self.index[t] for t in track_ids if t in self.index), dtype=np.int64)

@@ -149,8 +149,8 @@ def retrieve_content(batch: list[UserFeatures], bundle: ModelBundle | None, n: i
 
 
 def new_releases(bundle: ModelBundle, now_ms: int, days: float, n: int) -> Retrieved:
-    fresh = np.flatnonzero(bundle.release_ms >= now_ms - days * MS_PER_DAY)
-    order = fresh[np.argsort(-bundle.release_ms[fresh], kind="stable")][:n]
+    released_in_window = int(np.searchsorted(bundle.newest_first_neg_ms, -(now_ms - days * MS_PER_DAY), side="right"))
+    order = bundle.newest_first[: min(n, released_in_window)]
     return Retrieved(bundle.track_ids[order], bundle.release_ms[order].astype(np.float64), order, bundle.versions.get("content"))
 
 

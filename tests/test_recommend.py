@@ -10,7 +10,7 @@ from app.ranking.filters import allowed
 from app.ranking.recency import MS_PER_DAY, recency_boost
 from app.ranking.rerank import mmr_rerank
 from app.ranking.segments import user_segment
-from app.recommend import Retrieved, UserFeatures, blend_candidates, rerank_candidates, retrieve_cf, retrieve_content
+from app.recommend import Retrieved, UserFeatures, blend_candidates, new_releases, rerank_candidates, retrieve_cf, retrieve_content
 
 NOW = 1_800_000_000_000
 
@@ -95,6 +95,20 @@ def test_content_retrieval_finds_neighbours_of_recent_plays():
     b.embeddings /= np.linalg.norm(b.embeddings, axis=1, keepdims=True)
     (r,) = retrieve_content([UserFeatures("u", True, recent_tracks=["t0"], heard_recently=["t0"])], b, 1)
     assert list(r.track_ids) == ["t1"]
+
+
+def test_new_releases_are_the_window_newest_first():
+    """Released within `days` of now (a future date counts, an unknown one does not), newest
+    first, ties in catalogue order, at most n."""
+    days = [np.nan, 10, 29, 31, 29, 45, 9]
+    b = ModelBundle(
+        track_ids=[f"t{i}" for i in range(7)], artists=["a"] * 7, genres=["g"] * 7, embeddings=np.eye(7),
+        item_factors=None, versions={"content": "v1"}, release_ms=np.asarray(days) * MS_PER_DAY,
+    )
+    now = 40 * MS_PER_DAY
+    assert new_releases(b, now, 30.0, 10).track_ids.tolist() == ["t5", "t3", "t2", "t4", "t1"]
+    assert new_releases(b, now, 30.0, 3).track_ids.tolist() == ["t5", "t3", "t2"]
+    assert new_releases(b, now, 5.0, 10).track_ids.tolist() == ["t5"]
 
 
 def test_blend_rank_normalises_and_credits_sources():

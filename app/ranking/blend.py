@@ -98,9 +98,10 @@ def blend_scores(
         return np.empty(0, dtype=np.int64), np.empty(0), Reasons([], np.empty(0, dtype=np.int64))
     items = np.concatenate(item_parts)
     bits = np.concatenate([np.full(len(part), 1 << j, dtype=np.int64) for j, part in enumerate(item_parts)])
-    # return_index: each item's first proposal (numpy sorts stably when asked for it).
-    unique, first, inverse = np.unique(items, return_index=True, return_inverse=True)
+    unique, inverse = np.unique(items, return_inverse=True)
     totals = np.bincount(inverse, weights=np.concatenate(score_parts), minlength=len(unique))
+    first = np.full(len(unique), len(items), dtype=np.int64)
+    np.minimum.at(first, inverse, np.arange(len(items)))
     masks = np.zeros(len(unique), dtype=np.int64)
     np.bitwise_or.at(masks, inverse, bits)
     order = np.lexsort((first, -totals))

@@ -358,9 +358,12 @@ class ServingSettings(Strict):
     """Largest k a client may ask for."""
     reload_interval_s: float = Field(10.0, gt=0)
     """How often a replica checks for newly published model versions."""
-    request_batch_size: int = Field(16, ge=1)
+    request_batch_size: int = Field(32, ge=1)
     """Most recommendation requests the ingress sends down the DAG as one batch: each stage
-    then costs one Serve call per batch instead of one per request."""
+    then costs one Serve call per batch instead of one per request. Only a backlog fills a
+    batch, so the cap matters only at saturation: same cluster, two rounds, 32 against 16 gave
+    689-733 against 606-623 req/s with 128 closed-loop clients and 599-600 against 614-639
+    with 64."""
     request_batches_in_flight: int = Field(3, ge=1)
     """Batches travelling the DAG at once per ingress replica. Requests arriving while all are
     busy wait and leave together in the next batch: at low load every request goes alone at

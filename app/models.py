@@ -123,6 +123,9 @@ class ModelCache:
         self.interval_s = interval_s
         self.clock = clock
         self.bundle: ModelBundle | None = None
+        self.previous: ModelBundle | None = None
+        """The bundle before the last reload: a request already under way may carry its
+        catalog positions (app.recommend.placed_in)."""
         self._seen: tuple | None = None
         self._checked = -float("inf")
 
@@ -135,7 +138,7 @@ class ModelCache:
             self._checked = now
             pointers = self._pointers()
             if pointers != self._seen:
-                self.bundle = ModelBundle.load(self.store)
+                self.previous, self.bundle = self.bundle, ModelBundle.load(self.store)
                 self._seen = pointers
                 log.info("loaded models %s", self.bundle.versions if self.bundle else None)
         return self.bundle

@@ -13,6 +13,7 @@ users into one matrix product.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -29,6 +30,8 @@ from app.ranking.rerank import mmr_rerank
 from app.ranking.retrieval import top_k
 from app.ranking.segments import user_segment
 from app.schemas import RecommendedTrack
+
+log = logging.getLogger(__name__)
 
 RECENCY_REASON_MIN = 0.5
 """A recency boost at least this large (of its maximum) is reported as a reason."""
@@ -68,17 +71,25 @@ class UserFeatures:
 
 @dataclass
 class Retrieved:
-    """One source's candidates for one user, by track id (ids survive a model reload), and by
-    index into the catalog `catalog` (the content version) to skip the id lookups when the
-    blending replica holds the same catalog, as it does but for a reload in between.
+    """One source's candidates for one user: by index into the catalog `catalog` (the content
+    version) when they came from a model bundle, and by track id.
 
-    Candidates from the catalog carry their ids as a slice of the bundle's string array (one
-    buffer on the wire); lists from elsewhere as a list."""
+    On the wire (pickled between stages) candidates with catalog positions leave their ids
+    behind: the receiving replica holds the catalog, and 500 ids were 16 of a source's 20 KB
+    per request (numpy stores them as UTF-32), pickled by the retriever, relayed by the
+    ingress, unpickled by the Blender. After a model reload in between, `placed_in` names
+    them again from the replica's previous bundle. Lists from elsewhere (Redis) keep their ids."""
 
-    track_ids: Sequence[str]
+    track_ids: Sequence[str] | None
     scores: np.ndarray
     indices: np.ndarray | None = None
     catalog: str | None = None
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        if self.indices is not None and self.catalog is not None:
+            state["track_ids"] = None
+        return state
 
 
 @dataclass
@@ -166,6 +177,18 @@ def _in_catalog(bundle: ModelBundle, items: list[tuple[str, float]]) -> Retrieve
     by_id = Retrieved([t for t, _ in items], np.asarray([s for _, s in items], dtype=np.float64))
     idx, scores = _as_indices(bundle, by_id)
     return Retrieved(bundle.track_ids[idx], scores, idx, bundle.versions.get("content"))
+
+
+def placed_in(retrieved: Retrieved | None, bundle: ModelBundle | None, source: ModelBundle | None) -> Retrieved | None:
+    """`retrieved` ready to blend over `bundle`: as it is when it holds that catalog's positions
+    or its track ids; named from `source` (the bundle of its catalog, e.g. the replica's previous
+    one) after a reload in between; no candidates when neither can name them."""
+    if retrieved is None or bundle is None or retrieved.track_ids is not None or retrieved.catalog == bundle.versions.get("content"):
+        return retrieved
+    if source is not None and retrieved.catalog == source.versions.get("content"):
+        return Retrieved(source.track_ids[retrieved.indices], retrieved.scores)
+    log.warning("candidates from catalog %s dropped: neither it nor its ids are at hand", retrieved.catalog)
+    return Retrieved([], np.empty(0))
 
 
 def _as_indices(bundle: ModelBundle, retrieved: Retrieved) -> tuple[np.ndarray, np.ndarray]:

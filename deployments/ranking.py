@@ -27,7 +27,7 @@ from app.features.reader import FeatureReader
 from app.features.store import RedisOnlineStore
 from app.keys import Keys
 from app.ranking.blend import Reasons
-from app.recommend import Blended, Retrieved, UserFeatures, blend_candidates, rerank_candidates, shared_candidates
+from app.recommend import Blended, Retrieved, UserFeatures, blend_candidates, placed_in, rerank_candidates, shared_candidates
 from app.redis_server import connect
 from app.schemas import RecommendationResponse
 from deployments.packed import Packed, unpack
@@ -55,10 +55,10 @@ class Blender(ModelServing):
         params: list[dict | None],
     ) -> Packed[list[Blended]]:
         """`cf` or `content` is None when that retriever failed: blend without it."""
-        bundle = self.models.get()
+        bundle, previous = self.models.get(), self.models.previous
         features = packed_features.get()
-        cf = unpack(packed_cf) or [None] * len(features)
-        content = unpack(packed_content) or [None] * len(features)
+        cf = [placed_in(r, bundle, previous) for r in unpack(packed_cf) or [None] * len(features)]
+        content = [placed_in(r, bundle, previous) for r in unpack(packed_content) or [None] * len(features)]
         lists = self.lists.get()
         for f in features:
             f.trending, f.popular = lists["trending"], lists["popular"]

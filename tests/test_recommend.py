@@ -1,5 +1,7 @@
 """Known-answer tests of the serving steps as pure functions, on a hand-made catalogue."""
 
+import pickle
+
 import numpy as np
 import pytest
 
@@ -10,7 +12,9 @@ from app.ranking.filters import allowed
 from app.ranking.recency import MS_PER_DAY, recency_boost
 from app.ranking.rerank import mmr_rerank
 from app.ranking.segments import user_segment
-from app.recommend import Retrieved, UserFeatures, blend_candidates, new_releases, rerank_candidates, retrieve_cf, retrieve_content
+from app.recommend import (
+    Retrieved, UserFeatures, blend_candidates, new_releases, placed_in, rerank_candidates, retrieve_cf, retrieve_content,
+)
 
 NOW = 1_800_000_000_000
 
@@ -176,6 +180,18 @@ def test_rerank_marks_diversity_demotions():
     assert "diversity_demoted" in items[2].sources
 
 
+def test_candidates_cross_the_wire_as_catalog_positions_and_blend_the_same():
+    b = bundle()
+    f = UserFeatures("u", True, cf_vector=np.ones(2), recent_tracks=["t0"])
+    (cf,) = retrieve_cf([(f, np.array([1.0, 0.2]))], b, 6)
+    (content,) = retrieve_content([f], b, 6)
+    wire_cf, wire_content = (placed_in(pickle.loads(pickle.dumps(r)), b, None) for r in (cf, content))
+    here = blend_candidates(f, b, settings(), cf=cf, content=content, now_ms=NOW)
+    there = blend_candidates(f, b, settings(), cf=wire_cf, content=wire_content, now_ms=NOW)
+    assert list(there.track_ids) == list(here.track_ids) and list(there.reasons) == list(here.reasons)
+    np.testing.assert_array_equal(there.scores, here.scores)
+
+
 def test_candidates_from_a_catalog_reloaded_in_between_are_matched_by_track_id():
     """A retriever or blender may still hold the previous catalog when the next stage has
     reloaded: positions then mean other tracks, so the next stage must go by track id and drop
@@ -188,6 +204,13 @@ def test_candidates_from_a_catalog_reloaded_in_between_are_matched_by_track_id()
     (cf,) = retrieve_cf([(f, np.array([1.0, 0.0]))], old, 3)  # t0, t1, t2 by position in `old`
     blended = blend_candidates(f, new, settings(source_weights={"cf": 1.0}), cf=cf, now_ms=NOW)
     assert list(blended.track_ids) == ["t1", "t2"]  # mapped by id; t0 is not in the new catalog
+    # Between replicas the candidates travel as positions only; the Blender names them from
+    # its previous bundle, or drops them rather than read them in the wrong catalog.
+    wire = pickle.loads(pickle.dumps(cf))
+    assert wire.track_ids is None and list(wire.indices) == [0, 1, 2]
+    placed = placed_in(wire, new, old)
+    assert list(blend_candidates(f, new, settings(source_weights={"cf": 1.0}), cf=placed, now_ms=NOW).track_ids) == ["t1", "t2"]
+    assert len(placed_in(wire, new, None).track_ids) == 0
     blended_old = blend_candidates(f, old, settings(source_weights={"cf": 1.0}), cf=cf, now_ms=NOW)
     ranked = rerank_candidates(blended_old, new, 3, settings())
     assert [i.track_id for i in ranked] == ["t1", "t2"]

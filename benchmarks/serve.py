@@ -1,13 +1,14 @@
 """Serving latency and throughput under open-loop load, against a bare chain of the same shape.
 
-    .venv/bin/python benchmarks/serve.py [--seconds 10] [--state /tmp/echotune-bench]
+    .venv/bin/python benchmarks/serve.py [--seconds 10] [--rounds 3] [--state /tmp/echotune-bench]
 
 Sets up a local Ray cluster, a redis-server and a small simulated world, runs the pipeline
 once (export -> batch jobs -> materialise; reused from --state when already there), deploys
 the EchoTune app and, beside it, a bare chain with the same hops doing no work (ingress ->
 fetch -> {cf, content} -> blend -> rerank). A separate load-generator process sends requests
 at a fixed arrival rate (open loop: latency counts from the scheduled send time, so a slow
-server cannot slow the generator down) at 10, 50 and 100 requests/s, then at saturation:
+server cannot slow the generator down) at 10, 50 and 100 requests/s, the two chains taking
+turns (--rounds, latencies pooled per chain), then at saturation:
 closed-loop workers at rising concurrency (32, 64, 128), each chain's saturation throughput
 being its best level (a chain that batches needs more requests in flight to fill its batches;
 the unbatched chain is flat across the levels). Every request asks for k=20 with
@@ -73,7 +74,7 @@ async def _open_loop(url: str, users: list[str], rate: float, seconds: float, he
 
         await asyncio.gather(*(one(i) for i in range(n)))
         elapsed = time.perf_counter() - start
-    return {**_summary(latencies, sum(kinds.values()), n, elapsed), "error_kinds": kinds}
+    return {**_summary(latencies, sum(kinds.values()), n, elapsed), "error_kinds": kinds, "latencies_s": latencies, "elapsed_s": elapsed}
 
 
 async def _closed_loop(url: str, users: list[str], workers: int, seconds: float) -> dict:
@@ -138,10 +139,27 @@ def run_load(kind: str, url: str, users: list[str], x: float, seconds: float) ->
     proc.start()
     result = queue.get()
     proc.join()
-    client_cpu_s = result.pop("client_cpu_s")
-    server_cpu_s = cpu_seconds() - before - client_cpu_s
+    client_cpu_s = result["client_cpu_s"]
+    server_cpu_s = result["server_cpu_s"] = cpu_seconds() - before - client_cpu_s
     n = max(1, result["ok"])
     return {**result, "cpu_ms_per_request": server_cpu_s * 1000 / n, "client_cpu_ms_per_request": client_cpu_s * 1000 / n}
+
+
+def pooled(runs: list[dict]) -> dict:
+    """Open-loop runs of one chain at one rate as one: latencies pooled, counts and CPU summed."""
+    latencies = [x for r in runs for x in r["latencies_s"]]
+    errors, sent = sum(r["errors"] for r in runs), sum(r["sent"] for r in runs)
+    out = _summary(latencies, errors, sent, sum(r["elapsed_s"] for r in runs))
+    n = max(1, out["ok"])
+    kinds: dict[str, int] = {}
+    for r in runs:
+        for kind, count in r["error_kinds"].items():
+            kinds[kind] = kinds.get(kind, 0) + count
+    return {
+        **out, "error_kinds": kinds,
+        "cpu_ms_per_request": sum(r["server_cpu_s"] for r in runs) * 1000 / n,
+        "client_cpu_ms_per_request": sum(r["client_cpu_s"] for r in runs) * 1000 / n,
+    }
 
 
 # ------------------------------------------------------------------------------ the bare chain
@@ -244,6 +262,7 @@ def prepare(args: dict, api: str, headers: dict | None = None) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=10.0, help="Seconds of load per rate.")
+    parser.add_argument("--rounds", type=int, default=3, help="Turns each chain takes at each open-loop rate (latencies pooled).")
     parser.add_argument("--workers", default="32,64,128", help="Closed-loop concurrency levels for saturation.")
     parser.add_argument("--state", type=Path, default=Path(tempfile.gettempdir()) / "echotune-bench-serve")
     args = parser.parse_args()
@@ -281,10 +300,15 @@ def main() -> None:
         results: dict[str, dict] = {"ours": {}, "bare": {}}
         closed: dict[str, dict] = {"ours": {}, "bare": {}}  # closed-loop runs by concurrency
         for rate in RATES:
-            # Interleave the two so drift on a shared machine hits both alike.
-            for name, url in (("bare", bare_url), ("ours", ours_url)):
-                r = run_load("open", url, users, rate, args.seconds)
-                results[name][rate] = r
+            # The two chains take turns, `--rounds` times for `--seconds` in all each, and each
+            # chain's latencies are pooled over its turns: drift on a shared machine (another
+            # tenant's burst) then hits both chains alike instead of whichever ran during it.
+            runs: dict[str, list[dict]] = {"bare": [], "ours": []}
+            for _ in range(args.rounds):
+                for name, url in (("bare", bare_url), ("ours", ours_url)):
+                    runs[name].append(run_load("open", url, users, rate, args.seconds / args.rounds))
+            for name in ("bare", "ours"):
+                r = results[name][rate] = pooled(runs[name])
                 print(f"{name:>4} @ {rate:>3} req/s: p50 {r['p50_ms']:.1f} ms  p95 {r['p95_ms']:.1f} ms  "
                       f"p99 {r['p99_ms']:.1f} ms  ok {r['ok']}/{r['sent']}  errors {r['errors']}  "
                       f"CPU {r['cpu_ms_per_request']:.1f} ms/request")
@@ -303,7 +327,7 @@ def main() -> None:
             redis_server.stop()
 
     ours, bare = results["ours"], results["bare"]
-    by_workers = {name: {str(w): round(r["throughput_rps"], 1) for w, r in runs.items()} for name, runs in closed.items()}
+    by_workers = {name: {str(w): round(r["throughput_rps"], 1) for w, r in levels.items()} for name, levels in closed.items()}
     ours_sat, bare_sat = (max(closed[name].values(), key=lambda r: r["throughput_rps"]) for name in ("ours", "bare"))
     summary = {
         "p50_ms_50rps": round(ours[50]["p50_ms"], 2),

@@ -55,3 +55,33 @@ def test_embedded_redis_registers_persists_and_stops(tmp_path):
 def test_configured_url_wins(tmp_path):
     settings = settings_from_args({"redis": {"url": "redis://example:1/0"}, "paths": {"state_dir": str(tmp_path)}})
     assert resolve_redis_url(settings) == "redis://example:1/0"
+
+
+def test_model_cache_reloads_a_new_version_and_keeps_the_one_it_replaced(tmp_path):
+    """A replica reloads within `interval_s` of a publish and keeps the bundle it replaced:
+    a request already under way may carry positions in that catalogue."""
+    import numpy as np
+    import pandas as pd
+
+    from app.models import ModelCache
+
+    store = ArtifactStore(tmp_path)
+
+    def publish(ids):
+        with store.publish("content") as out:
+            pd.DataFrame({"track_id": ids, "artist_id": "a", "genre": "rock"}).to_parquet(out / "tracks.parquet")
+            np.save(out / "embeddings.npy", np.eye(len(ids), dtype=np.float32))
+        return store.latest_version("content")
+
+    now = [0.0]
+    cache = ModelCache(store, interval_s=10.0, clock=lambda: now[0])
+    v1 = publish(["t1", "t2"])
+    first = cache.get()
+    assert first.versions["content"] == v1 and cache.previous is None
+    v2 = publish(["t2", "t3", "t4"])
+    now[0] = 5.0
+    assert cache.get() is first  # not checked again before interval_s
+    now[0] = 10.0
+    second = cache.get()
+    assert second.versions["content"] == v2 and list(second.track_ids) == ["t2", "t3", "t4"]
+    assert cache.previous is first

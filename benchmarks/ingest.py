@@ -304,7 +304,8 @@ def main() -> None:
     client = redis.Redis.from_url(server.url)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=str(tmp / "ray"))
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=serve_logging_config())
+    logging_config = serve_logging_config()  # ray_config.yaml's, as `serve deploy` applies it
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=logging_config)
     base = f"http://127.0.0.1:{port}"
 
     bare_api = FastAPI()
@@ -337,7 +338,7 @@ def main() -> None:
     # elsewhere on the machine drifting over the run hits every variant alike.
     variants: list[Variant] = []
     try:
-        serve.run(BareXadd.bind(server.url), name="bare", route_prefix="/bare", logging_config=serve_logging_config())
+        serve.run(BareXadd.bind(server.url), name="bare", route_prefix="/bare", logging_config=logging_config)
         wait_http(f"{base}/bare/healthz")
         variants.append(Variant("bare", "bare", f"{base}/bare/v1/events", {"Content-Type": "application/json"}, "bare:events", redis_pid))
         for replicas, in_process in [(1, True), (2, True)] + ([(1, False)] if args.with_gateway_hop else []):
@@ -350,7 +351,7 @@ def main() -> None:
                 "gateway": {"in_process": in_process},
             })
             gateway = None if in_process else EventGateway.options(num_replicas=replicas).bind(settings)
-            serve.run(ApiIngress.options(num_replicas=replicas).bind(settings, gateway, None, None, None), name=prefix, route_prefix=f"/{prefix}", logging_config=serve_logging_config())
+            serve.run(ApiIngress.options(num_replicas=replicas).bind(settings, gateway, None, None, None), name=prefix, route_prefix=f"/{prefix}", logging_config=logging_config)
             wait_http(f"{base}/{prefix}/healthz")
             headers = {"Authorization": f"Bearer {ApiKeyStore(client, Keys(prefix)).create({'ingest'}).token}", "Content-Type": "application/json"}
             variants.append(Variant(name, prefix, f"{base}/{prefix}/v1/events", headers, settings.redis.stream_key, redis_pid, Keys(prefix).dedup()))

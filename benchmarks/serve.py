@@ -282,10 +282,11 @@ def main() -> None:
     redis_server = start_redis(args.state)
     try:
         port, app_args = start_local_serve(args.state, redis_server.url)
-        serve.run(build_app(app_args), name="echotune", route_prefix="/", logging_config=serve_logging_config())
+        logging_config = serve_logging_config()  # ray_config.yaml's, as `serve deploy` applies it
+        serve.run(build_app(app_args), name="echotune", route_prefix="/", logging_config=logging_config)
         wait_http(f"http://127.0.0.1:{port}/healthz")
         prepare(app_args, f"http://127.0.0.1:{port}")
-        serve.run(bare_chain_app(), name="bare", route_prefix="/bare", logging_config=serve_logging_config())
+        serve.run(bare_chain_app(), name="bare", route_prefix="/bare", logging_config=logging_config)
         users = pd.read_parquet(args.state / "world" / "users.parquet")["user_id"].tolist()
         wait_http(f"http://127.0.0.1:{port}/bare/v1/users/{users[0]}/recommendations")
         ours_url = f"http://127.0.0.1:{port}/v1/users/{{user}}/recommendations?k=20"

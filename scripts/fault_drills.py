@@ -363,14 +363,15 @@ def main() -> None:
     try:
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _temp_dir=str(work / "ray"))
         port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=serve_logging_config())
+        logging_config = serve_logging_config()  # ray_config.yaml's, as `serve deploy` applies it
+        serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=logging_config)
         api = f"http://127.0.0.1:{port}"
         args = settings_args(work / "state", server.url, WORLD)
         args["content"] = {"concurrency": 2, "batch_size": 20, "embedding_dim": 8, "analysis_seconds": 1.0}
         args["cf"] = {"factors": 8, "iterations": 4, "ray_workers": 2, "eval_fraction": 0.0}
         settings = settings_from_args(args)
         t0 = time.time()
-        serve.run(build_app(args), name="echotune", route_prefix="/", logging_config=serve_logging_config())
+        serve.run(build_app(args), name="echotune", route_prefix="/", logging_config=logging_config)
         wait_http(f"{api}/healthz")
         prepare(args, api)
         print(f"[setup] world, pipeline and Serve app ready in {time.time() - t0:.0f}s at {api}", flush=True)

@@ -73,15 +73,14 @@ def test_model_cache_reloads_a_new_version_and_keeps_the_one_it_replaced(tmp_pat
             np.save(out / "embeddings.npy", np.eye(len(ids), dtype=np.float32))
         return store.latest_version("content")
 
-    now = [0.0]
-    cache = ModelCache(store, interval_s=10.0, clock=lambda: now[0])
+    checks = iter([0.0, 5.0, 10.0])  # the cache's clock at each get(); it checks every 10
+    cache = ModelCache(store, interval_s=10.0, clock=lambda: next(checks))
     v1 = publish(["t1", "t2"])
     first = cache.get()
     assert first.versions["content"] == v1 and cache.previous is None
     v2 = publish(["t2", "t3", "t4"])
-    now[0] = 5.0
-    assert cache.get() is first  # not checked again before interval_s
-    now[0] = 10.0
+    before_the_interval = cache.get()
+    assert before_the_interval is first
     second = cache.get()
     assert second.versions["content"] == v2 and list(second.track_ids) == ["t2", "t3", "t4"]
     assert cache.previous is first

@@ -109,10 +109,12 @@ def test_new_releases_are_the_window_newest_first():
         track_ids=[f"t{i}" for i in range(7)], artists=["a"] * 7, genres=["g"] * 7, embeddings=np.eye(7),
         item_factors=None, versions={"content": "v1"}, release_ms=np.asarray(days) * MS_PER_DAY,
     )
-    now = 40 * MS_PER_DAY
-    assert new_releases(b, now, 30.0, 10).track_ids.tolist() == ["t5", "t3", "t2", "t4", "t1"]
-    assert new_releases(b, now, 30.0, 3).track_ids.tolist() == ["t5", "t3", "t2"]
-    assert new_releases(b, now, 5.0, 10).track_ids.tolist() == ["t5"]
+    def window(days: float, n: int) -> list[str]:  # asked on day 40
+        return new_releases(b, 40 * MS_PER_DAY, days, n).track_ids.tolist()
+
+    assert window(30.0, 10) == ["t5", "t3", "t2", "t4", "t1"]
+    assert window(30.0, 3) == ["t5", "t3", "t2"]
+    assert window(5.0, 10) == ["t5"]
 
 
 def test_blend_rank_normalises_and_credits_sources():
@@ -209,7 +211,8 @@ def test_candidates_from_a_catalog_reloaded_in_between_are_matched_by_track_id()
     wire = pickle.loads(pickle.dumps(cf))
     assert wire.track_ids is None and list(wire.indices) == [0, 1, 2]
     placed = placed_in(wire, new, old)
-    assert list(blend_candidates(f, new, settings(source_weights={"cf": 1.0}), cf=placed, now_ms=NOW).track_ids) == ["t1", "t2"]
+    from_wire = blend_candidates(f, new, settings(source_weights={"cf": 1.0}), cf=placed, now_ms=NOW)
+    assert list(from_wire.track_ids) == ["t1", "t2"]
     assert len(placed_in(wire, new, None).track_ids) == 0
     blended_old = blend_candidates(f, old, settings(source_weights={"cf": 1.0}), cf=cf, now_ms=NOW)
     ranked = rerank_candidates(blended_old, new, 3, settings())

@@ -56,17 +56,19 @@ class Reasons:
     def __len__(self) -> int:
         return len(self.masks)
 
+    def _named(self, mask: int) -> list[str]:
+        return [name for bit, name in enumerate(self.names) if mask >> bit & 1]
+
     def __getitem__(self, key):
         if isinstance(key, (int, np.integer)):
-            mask = int(self.masks[key])
-            return [name for bit, name in enumerate(self.names) if mask >> bit & 1]
+            return self._named(int(self.masks[key]))
         return Reasons(self.names, self.masks[key])
 
     def __iter__(self):
-        named: dict[int, tuple[str, ...]] = {}  # a list has few distinct masks: name each once
+        named: dict[int, list[str]] = {}  # a list has few distinct masks: name each once
         for mask in self.masks.tolist():
             if mask not in named:
-                named[mask] = tuple(name for bit, name in enumerate(self.names) if mask >> bit & 1)
+                named[mask] = self._named(mask)
             yield list(named[mask])
 
     def __getstate__(self):

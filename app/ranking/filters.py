@@ -28,15 +28,18 @@ def allowed(
     who opted out, explicit tracks are dropped too.
     """
     mask = np.ones(len(track_ids), dtype=bool)
-    # Track ids become Python strings only for a filter that looks them up: in the blend none
-    # does (it excludes by catalog position), and converting ~750 ids was a tenth of its time.
-    if heard_at_ms and heard_within_days is not None:
-        cutoff = now_ms - heard_within_days * MS_PER_DAY
-        mask &= np.array([heard_at_ms.get(t, -np.inf) < cutoff for t in np.asarray(track_ids, dtype=object)], dtype=bool)
-    # Set lookups: np.isin on object arrays sorts the strings, several times slower here.
+    heard_filter = bool(heard_at_ms) and heard_within_days is not None
     excluded = set(always_exclude) | set(blocked_tracks)
+    # Track ids become Python strings only for a filter that looks them up, and once: in the
+    # blend none does (it excludes by catalog position), and converting ~750 ids was a tenth
+    # of its time.
+    ids = np.asarray(track_ids, dtype=object) if heard_filter or excluded else None
+    if heard_filter:
+        cutoff = now_ms - heard_within_days * MS_PER_DAY
+        mask &= np.array([heard_at_ms.get(t, -np.inf) < cutoff for t in ids], dtype=bool)
+    # Set lookups: np.isin on object arrays sorts the strings, several times slower here.
     if excluded:
-        mask &= np.fromiter((t not in excluded for t in np.asarray(track_ids, dtype=object)), dtype=bool, count=len(mask))
+        mask &= np.fromiter((t not in excluded for t in ids), dtype=bool, count=len(mask))
     if blocked_artists:
         blocked = set(blocked_artists)
         mask &= np.fromiter((a not in blocked for a in np.asarray(artists, dtype=object)), dtype=bool, count=len(mask))

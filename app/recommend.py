@@ -236,7 +236,7 @@ def blend_candidates(
         "popular": shared["popular"],
     }
     items, scores, reasons = blend_scores(
-        {name: _as_indices(bundle, r) for name, r in sources.items()}, settings.weights_for(segment)
+        {name: _as_indices(bundle, r) for name, r in sources.items()}, settings.weights_for(segment), len(bundle.track_ids)
     )
     boosted = np.zeros(len(items), dtype=bool)
     if len(items) and settings.recency_weight > 0:
@@ -244,10 +244,11 @@ def blend_candidates(
         scores = scores + settings.recency_weight * boost
         order = np.argsort(-scores, kind="stable")
         items, scores, reasons, boosted = items[order], scores[order], reasons[order], (boost >= RECENCY_REASON_MIN)[order]
-    # The excluded tracks as catalog positions: one integer set check over the candidates
-    # instead of a string lookup per candidate.
-    excluded = bundle.indices(features.exclude | features.prefs.blocked_tracks)
-    keep = ~np.isin(items, excluded) & allowed(
+    # The excluded tracks as a mask over catalog positions: one lookup per candidate, not a
+    # string lookup per candidate (nor np.isin's sort, 0.15 ms with cold caches).
+    excluded = np.zeros(len(bundle.track_ids), dtype=bool)
+    excluded[bundle.indices(features.exclude | features.prefs.blocked_tracks)] = True
+    keep = ~excluded[items] & allowed(
         bundle.track_ids[items],
         bundle.artists[items],
         bundle.explicit[items],

@@ -27,6 +27,7 @@ from app.features.reader import FeatureReader
 from app.features.store import RedisOnlineStore
 from app.keys import Keys
 from app.ranking.blend import Reasons
+from app.ranking.rerank import compile_mmr
 from app.recommend import Blended, Retrieved, UserFeatures, blend_candidates, placed_in, rerank_candidates, shared_candidates
 from app.redis_server import connect
 from app.schemas import RecommendationResponse
@@ -81,6 +82,10 @@ class Blender(ModelServing):
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
 class Reranker(ModelServing):
+    def __init__(self, settings: Settings):
+        super().__init__(settings)
+        compile_mmr()
+
     async def rerank(
         self, packed_blended: Packed[list[Blended]], k: list[int], request_id: list[str], params: list[dict | None]
     ) -> list[str]:

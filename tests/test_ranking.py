@@ -65,6 +65,46 @@ def test_artist_cap_refills_from_next_candidates():
     assert order.tolist() == [0, 1, 3, 4]  # third "a" skipped, list still 4 long
 
 
+def _plain_mmr(rel, emb, k, lam, artists=None, artist_cap=None, genres=None, genre_cap=None):
+    """MMR as defined: every pass scores every candidate still in play."""
+    span = rel.max() - rel.min()
+    rel = (rel - rel.min()) / span if span > 0 else np.ones(len(rel))
+    picked, counts = [], {}
+    caps = [(g, c) for g, c in ((artists, artist_cap), (genres, genre_cap)) if g is not None]
+    while len(picked) < k:
+        best, best_gain = None, -np.inf
+        for i in range(len(rel)):
+            if i in picked or any(counts.get((j, g[i]), 0) >= c for j, (g, c) in enumerate(caps)):
+                continue
+            penalty = max([float(emb[i] @ emb[p]) for p in picked] + [0.0])
+            gain = lam * rel[i] - (1 - lam) * penalty
+            if gain > best_gain:
+                best, best_gain = i, gain
+        if best is None:
+            break
+        picked.append(best)
+        for j, (g, _) in enumerate(caps):
+            counts[(j, g[best])] = counts.get((j, g[best]), 0) + 1
+    return picked
+
+
+def test_lazy_mmr_picks_what_plain_mmr_picks():
+    """The re-ranker looks at only as many candidates as can still win (best-first input);
+    its picks must be those of MMR evaluated in full, capped or not, sorted input or not."""
+    rng = np.random.default_rng(7)
+    for _ in range(300):
+        n, k, lam = int(rng.integers(1, 40)), int(rng.integers(1, 15)), float(rng.choice([0.0, 0.3, 0.8, 1.0]))
+        rel = np.sort(rng.random(n))[::-1] if rng.random() < 0.7 else rng.random(n)
+        emb = rng.normal(size=(n, 3))
+        emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+        caps = {}
+        if rng.random() < 0.6:
+            caps.update(artists=rng.choice(np.array(["a", "b", "c", "d"]), n), artist_cap=int(rng.integers(1, 3)))
+        if rng.random() < 0.5:
+            caps.update(genres=rng.integers(0, 3, n), genre_cap=int(rng.integers(1, 5)))
+        assert mmr_rerank(rel, emb, k, lam, **caps).tolist() == _plain_mmr(rel, emb, k, lam, **caps)
+
+
 def test_content_candidates_find_neighbours_of_recent_plays():
     emb = np.array([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9]], dtype=float)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)

@@ -2,19 +2,28 @@
 
 MMR picks, one at a time, the candidate maximising
     λ · relevance − (1 − λ) · max cosine similarity to what is already picked,
-so near-duplicates of an earlier pick sink. The similarity row of each pick is computed once
-and folded into a running maximum, so the whole pass costs O(k · n) vector work.
+so near-duplicates of an earlier pick sink.
 
 Caps (at most `artist_cap` tracks per artist, at most `genre_cap` per genre: the genre
 balance) take a group's other candidates out of play as soon as the group is full, so the
-response stays k long whenever enough other candidates exist, rather than shortening it, and
-no pass is spent on a candidate that could no longer be taken (a request used to spend 18
-passes skipping capped candidates for its 20 picks). Groups compare fastest as integer codes
-(ModelBundle.artist_codes); any labels work.
+response stays k long whenever enough other candidates exist, rather than shortening it.
+
+The picks are made lazily (the "lazy greedy" of submodular selection), in compiled code:
+- A gain never exceeds the candidate's own relevance term (its penalty is a maximum of
+  similarities that starts at 0). The blend hands candidates over best first, so each
+  pass stops at the first candidate whose relevance cannot beat the best gain found so far.
+- A candidate's maximum similarity is brought up to date only when a pass reaches it, with
+  the picks made since it was last looked at.
+
+The picks are exactly those of the plain greedy (tests/test_ranking.py compares them on random
+cases). With k = 20 of ~750 candidates at λ 0.8 a request now looks at a few dozen candidates,
+not all of them 20 times: 0.056 against 0.167 ms of CPU per request with cold caches (the
+numpy version, in a process whose caches others had evicted, as in a live replica).
 """
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 
@@ -28,31 +37,83 @@ def mmr_rerank(
     genres: np.ndarray | None = None,
     genre_cap: int | None = None,
 ) -> np.ndarray:
-    """Positions (into `relevance`) of the re-ranked top k."""
-    n = len(relevance)
-    caps = [(np.asarray(g), c, {}) for g, c in ((artists, artist_cap), (genres, genre_cap)) if g is not None and c is not None]
-    if n == 0 or k <= 0 or any(c < 1 for _, c, _ in caps):
-        return np.empty(0, dtype=np.int64)
+    """Positions (into `relevance`) of the re-ranked top k. Groups compare fastest as integer
+    codes (ModelBundle.artist_codes); any labels work."""
     rel = np.asarray(relevance, dtype=np.float64)
+    n = len(rel)
+    if n == 0 or k <= 0 or any(c is not None and g is not None and c < 1 for g, c in ((artists, artist_cap), (genres, genre_cap))):
+        return np.empty(0, dtype=np.int64)
     span = rel.max() - rel.min()
     rel = (rel - rel.min()) / span if span > 0 else np.ones(n)
-    relevance_term = lam * rel
-    emb = np.asarray(embeddings, dtype=np.float64)
-    max_sim = np.zeros(n)
-    out_of_play = np.zeros(n)  # -inf once a candidate is picked or its group is full
-    picked: list[int] = []
-    while len(picked) < k:
-        gain = relevance_term - (1.0 - lam) * max_sim
-        gain += out_of_play
-        best = int(gain.argmax())
-        if gain[best] == -np.inf:  # nothing left
+    emb = np.asarray(embeddings)
+    if emb.dtype not in (np.float32, np.float64):
+        emb = emb.astype(np.float64)
+    return _mmr(
+        lam * rel, np.ascontiguousarray(emb), int(k), 1.0 - lam,
+        *_group_codes(artists, artist_cap, n), *_group_codes(genres, genre_cap, n),
+    )
+
+
+def compile_mmr() -> None:
+    """Compile (or load from numba's cache) the kernel for the bundle's float32 embeddings, so
+    a replica pays for it when it starts rather than on its first request (~1 s uncached)."""
+    mmr_rerank(np.array([1.0, 0.5]), np.eye(2, dtype=np.float32), 1, 0.5)
+
+
+def _group_codes(groups: np.ndarray | None, cap: int | None, n: int) -> tuple[np.ndarray, int]:
+    """(int64 codes, cap); cap 0 means no cap."""
+    if groups is None or cap is None:
+        return np.zeros(n, dtype=np.int64), 0
+    groups = np.asarray(groups)
+    if groups.dtype.kind in "iu":
+        return groups.astype(np.int64, copy=False), int(cap)
+    return np.unique(groups, return_inverse=True)[1].astype(np.int64), int(cap)
+
+
+@numba.njit(cache=True, nogil=True)
+def _mmr(rel_term, emb, k, penalty, artists, artist_cap, genres, genre_cap):  # pragma: no cover - compiled
+    n, dim = emb.shape
+    # Stopping early needs relevance best first and a non-negative penalty weight.
+    ordered = penalty >= 0
+    for i in range(1, n):
+        if rel_term[i] > rel_term[i - 1]:
+            ordered = False
             break
-        picked.append(best)
-        out_of_play[best] = -np.inf
-        for groups, cap, counts in caps:
-            group = groups[best]
-            counts[group] = counts.get(group, 0) + 1
-            if counts[group] >= cap:
-                out_of_play[groups == group] = -np.inf
-        np.maximum(max_sim, emb @ emb[best], out=max_sim)
-    return np.asarray(picked, dtype=np.int64)
+    max_sim = np.zeros(n)
+    upto = np.zeros(n, np.int64)  # how many picks max_sim[i] has seen
+    taken_flag = np.zeros(n, np.bool_)
+    artist_counts = np.zeros(artists.max() + 1, np.int64)
+    genre_counts = np.zeros(genres.max() + 1, np.int64)
+    picked = np.empty(k, np.int64)
+    taken = 0
+    while taken < k:
+        best, best_gain = -1, -np.inf
+        for i in range(n):
+            if ordered and rel_term[i] <= best_gain:
+                break
+            if taken_flag[i]:
+                continue
+            if artist_cap > 0 and artist_counts[artists[i]] >= artist_cap:
+                continue
+            if genre_cap > 0 and genre_counts[genres[i]] >= genre_cap:
+                continue
+            m = max_sim[i]
+            for p in range(upto[i], taken):
+                other = picked[p]
+                s = 0.0
+                for d in range(dim):
+                    s += np.float64(emb[i, d]) * np.float64(emb[other, d])
+                if s > m:
+                    m = s
+            max_sim[i], upto[i] = m, taken
+            gain = rel_term[i] - penalty * m
+            if gain > best_gain:
+                best, best_gain = i, gain
+        if best < 0:  # nothing left in play
+            break
+        picked[taken] = best
+        taken += 1
+        taken_flag[best] = True
+        artist_counts[artists[best]] += 1
+        genre_counts[genres[best]] += 1
+    return picked[:taken]

@@ -290,9 +290,9 @@ def rerank_candidates(blended: Blended, bundle: ModelBundle | None, k: int, sett
             return []
     genre_cap = max(1, int(np.floor(settings.genre_max_share * k)))
     order = mmr_rerank(
-        blended.scores, bundle.embeddings[idx], k, settings.mmr_lambda,
-        artists=bundle.artist_codes[idx], artist_cap=settings.artist_cap,
-        genres=bundle.genre_codes[idx], genre_cap=genre_cap,
+        blended.scores, bundle.embeddings, k, settings.mmr_lambda,
+        artists=bundle.artist_codes, artist_cap=settings.artist_cap,
+        genres=bundle.genre_codes, genre_cap=genre_cap, rows=idx,
     ).tolist()
     if len(order) < k:
         order += _fill(blended, order, k - len(order), settings.fallback_chain)

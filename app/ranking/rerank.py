@@ -36,21 +36,25 @@ def mmr_rerank(
     artist_cap: int | None = None,
     genres: np.ndarray | None = None,
     genre_cap: int | None = None,
+    rows: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Positions (into `relevance`) of the re-ranked top k. Groups compare fastest as integer
-    codes (ModelBundle.artist_codes); any labels work."""
+    """Positions (into `relevance`) of the re-ranked top k.
+
+    Candidate i is row `rows[i]` of `embeddings`, `artists` and `genres` (default: row i), so
+    a caller holding the whole catalogue passes it with the candidates' catalog positions
+    instead of copying out their rows: only the rows a pass reaches are read. Groups compare
+    fastest as integer codes (ModelBundle.artist_codes); any labels work."""
     rel = np.asarray(relevance, dtype=np.float64)
     n = len(rel)
     if n == 0 or k <= 0 or any(c is not None and g is not None and c < 1 for g, c in ((artists, artist_cap), (genres, genre_cap))):
         return np.empty(0, dtype=np.int64)
-    span = rel.max() - rel.min()
-    rel = (rel - rel.min()) / span if span > 0 else np.ones(n)
     emb = np.asarray(embeddings)
     if emb.dtype not in (np.float32, np.float64):
         emb = emb.astype(np.float64)
+    rows = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64)
     return _mmr(
-        lam * rel, np.ascontiguousarray(emb), int(k), 1.0 - lam,
-        *_group_codes(artists, artist_cap, n), *_group_codes(genres, genre_cap, n),
+        rel, np.ascontiguousarray(emb), rows, int(k), float(lam),
+        *_group_codes(artists, artist_cap), *_group_codes(genres, genre_cap),
     )
 
 
@@ -60,10 +64,10 @@ def compile_mmr() -> None:
     mmr_rerank(np.array([1.0, 0.5]), np.eye(2, dtype=np.float32), 1, 0.5)
 
 
-def _group_codes(groups: np.ndarray | None, cap: int | None, n: int) -> tuple[np.ndarray, int]:
+def _group_codes(groups: np.ndarray | None, cap: int | None) -> tuple[np.ndarray, int]:
     """(int64 codes, cap); cap 0 means no cap."""
     if groups is None or cap is None:
-        return np.zeros(n, dtype=np.int64), 0
+        return np.zeros(0, dtype=np.int64), 0
     groups = np.asarray(groups)
     if groups.dtype.kind in "iu":
         return groups.astype(np.int64, copy=False), int(cap)
@@ -71,19 +75,31 @@ def _group_codes(groups: np.ndarray | None, cap: int | None, n: int) -> tuple[np
 
 
 @numba.njit(cache=True, nogil=True)
-def _mmr(rel_term, emb, k, penalty, artists, artist_cap, genres, genre_cap):  # pragma: no cover - compiled
-    n, dim = emb.shape
+def _mmr(relevance, emb, rows, k, lam, artists, artist_cap, genres, genre_cap):  # pragma: no cover - compiled
+    n, dim = len(relevance), emb.shape[1]
+    # Relevance scaled to [0, 1] (all equal: all 1), times λ.
+    low, high = relevance.min(), relevance.max()
+    rel_term = np.empty(n)
+    for i in range(n):
+        rel_term[i] = lam * ((relevance[i] - low) / (high - low) if high > low else 1.0)
+    penalty = 1.0 - lam
     # Stopping early needs relevance best first and a non-negative penalty weight.
     ordered = penalty >= 0
     for i in range(1, n):
         if rel_term[i] > rel_term[i - 1]:
             ordered = False
             break
+    n_artists, n_genres = 1, 1
+    for i in range(n):
+        if artist_cap > 0:
+            n_artists = max(n_artists, artists[rows[i]] + 1)
+        if genre_cap > 0:
+            n_genres = max(n_genres, genres[rows[i]] + 1)
     max_sim = np.zeros(n)
     upto = np.zeros(n, np.int64)  # how many picks max_sim[i] has seen
     taken_flag = np.zeros(n, np.bool_)
-    artist_counts = np.zeros(artists.max() + 1, np.int64)
-    genre_counts = np.zeros(genres.max() + 1, np.int64)
+    artist_counts = np.zeros(n_artists, np.int64)
+    genre_counts = np.zeros(n_genres, np.int64)
     picked = np.empty(k, np.int64)
     taken = 0
     while taken < k:
@@ -93,16 +109,17 @@ def _mmr(rel_term, emb, k, penalty, artists, artist_cap, genres, genre_cap):  # 
                 break
             if taken_flag[i]:
                 continue
-            if artist_cap > 0 and artist_counts[artists[i]] >= artist_cap:
+            if artist_cap > 0 and artist_counts[artists[rows[i]]] >= artist_cap:
                 continue
-            if genre_cap > 0 and genre_counts[genres[i]] >= genre_cap:
+            if genre_cap > 0 and genre_counts[genres[rows[i]]] >= genre_cap:
                 continue
             m = max_sim[i]
+            row = rows[i]
             for p in range(upto[i], taken):
-                other = picked[p]
+                other = rows[picked[p]]
                 s = 0.0
                 for d in range(dim):
-                    s += np.float64(emb[i, d]) * np.float64(emb[other, d])
+                    s += np.float64(emb[row, d]) * np.float64(emb[other, d])
                 if s > m:
                     m = s
             max_sim[i], upto[i] = m, taken
@@ -114,6 +131,8 @@ def _mmr(rel_term, emb, k, penalty, artists, artist_cap, genres, genre_cap):  # 
         picked[taken] = best
         taken += 1
         taken_flag[best] = True
-        artist_counts[artists[best]] += 1
-        genre_counts[genres[best]] += 1
+        if artist_cap > 0:
+            artist_counts[artists[rows[best]]] += 1
+        if genre_cap > 0:
+            genre_counts[genres[rows[best]]] += 1
     return picked[:taken]

@@ -10,15 +10,15 @@ def top_k(scores: np.ndarray, k: int, exclude: np.ndarray | None = None) -> tupl
 
     argpartition keeps this O(n) in the catalogue size; only the k winners are sorted.
     """
-    scores = np.asarray(scores, dtype=np.float64)
+    scores = np.array(scores, dtype=np.float64)  # a copy of our own: exclusions overwrite it
     if exclude is not None and len(exclude):
-        scores = scores.copy()
         scores[exclude] = -np.inf
     k = min(k, int(np.isfinite(scores).sum()))
     if k <= 0:
         return np.empty(0, dtype=np.int64), np.empty(0)
-    idx = np.argpartition(-scores, k - 1)[:k]
-    idx = idx[np.argsort(-scores[idx], kind="stable")]
+    negated = -scores  # both sorts below ascend
+    idx = np.argpartition(negated, k - 1)[:k]
+    idx = idx[np.argsort(negated[idx], kind="stable")]
     return idx, scores[idx]
 
 

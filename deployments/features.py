@@ -23,7 +23,7 @@ from app.prefs import prefs_from_hash
 from app.recommend import UserFeatures, user_features_from_row
 from app.redis_server import connect
 from deployments.metrics import observe_latency
-from deployments.packed import Packed
+from deployments.packed import Packed, pack
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
@@ -51,7 +51,7 @@ class FeatureFetcher:
             live.append(LiveRead("hash", self.keys.user_prefs(user_id)))
         read = self.reader.read([("user_profile", u) for u in user_ids], live=live)
         cf_version = read.meta.get("artifacts", {}).get("cf")
-        return Packed([
+        return pack([
             user_features_from_row(
                 user_id, row, [], [], read.namespace,
                 stale=read.stale, online_recent=recent, prefs=prefs_from_hash(prefs), cf_version=cf_version,

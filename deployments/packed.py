@@ -8,32 +8,34 @@ packed into bytes by the stage that made it crosses the ingress as one opaque bu
 unpickled once, by the stage that uses it. py-spy on the ingress at saturation: 21% of its
 samples were in Serve's payload (de)serialisation before, 9% after (mostly the responses,
 which it does read).
+
+A packed result is plain `bytes`, not an object wrapping them: Serve cloudpickles every
+argument and result of a call, and a class of ours is looked up by reference each time.
+With the caches of a live replica (cold), pickling one call's arguments took 0.046 ms with
+a wrapper against 0.021 with bytes, and a request's results cross the ingress about ten
+times. `Packed[T]` names what is inside for the reader and the type checker.
 """
 
 from __future__ import annotations
 
 import pickle
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar, cast
 
 T = TypeVar("T")
 
+if TYPE_CHECKING:
 
-class Packed(Generic[T]):
-    __slots__ = ("data",)
+    class Packed(bytes, Generic[T]):
+        """A pickled T."""
 
-    def __init__(self, value: T):
-        self.data = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+else:
+    Packed = bytes
 
-    def get(self) -> T:
-        """A fresh copy of the value on every call."""
-        return pickle.loads(self.data)
 
-    def __getstate__(self) -> bytes:
-        return self.data
-
-    def __setstate__(self, data: bytes) -> None:
-        self.data = data
+def pack(value: T) -> Packed[T]:
+    return cast("Packed[T]", pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 def unpack(packed: Packed[T] | None) -> T | None:
-    return None if packed is None else packed.get()
+    """A fresh copy of the value on every call; None for None (a stage that failed)."""
+    return None if packed is None else pickle.loads(packed)

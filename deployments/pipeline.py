@@ -28,7 +28,7 @@ from ray.serve.handle import DeploymentHandle
 from app.recommend import Blended, UserFeatures
 from app.schemas import RecommendationResponse, RecommendedTrack
 from deployments.metrics import record_batch, record_fallback
-from deployments.packed import Packed
+from deployments.packed import Packed, pack, unpack
 
 log = logging.getLogger("ray.serve")
 
@@ -80,7 +80,7 @@ class RecommendationPipeline:
         ks, ids, params = [r.k for r in requests], [r.request_id for r in requests], [r.params for r in requests]
         features = await self._stage("fetch", self.fetcher.fetch.remote(users), None)
         if features is None:
-            features = Packed([UserFeatures(u, known=False, stale=True) for u in users])
+            features = pack([UserFeatures(u, known=False, stale=True) for u in users])
         cf = await self._stage("cf", self.cf.retrieve.remote(features), None)
         content = await self._stage("content", self.content.retrieve.remote(features), None)
         packed: Packed[list[Blended]] | None = await self._stage("blend", self.blender.blend.remote(features, cf, content, params), None)
@@ -92,10 +92,10 @@ class RecommendationPipeline:
                 RecommendationResponse(user_id=u, request_id=i, cold_start=True, items=[], model_versions={}, degraded=True).model_dump_json()
                 for u, i in zip(users, ids)
             ]
-        blended = packed.get()
+        blended = unpack(packed)
         for b in blended:
             b.degraded = True
-        responses = await self._stage("rerank", self.reranker.rerank.remote(Packed(blended), ks, ids, params), None)
+        responses = await self._stage("rerank", self.reranker.rerank.remote(pack(blended), ks, ids, params), None)
         return responses or [_unranked(b, k, i).model_dump_json() for b, k, i in zip(blended, ks, ids)]
 
 

@@ -31,7 +31,7 @@ from app.ranking.rerank import compile_mmr
 from app.recommend import Blended, Retrieved, UserFeatures, blend_candidates, placed_in, rerank_candidates, shared_candidates
 from app.redis_server import connect
 from app.schemas import RecommendationResponse
-from deployments.packed import Packed, unpack
+from deployments.packed import Packed, pack, unpack
 from deployments.tuning import ModelServing, apply_overrides
 
 
@@ -57,7 +57,7 @@ class Blender(ModelServing):
     ) -> Packed[list[Blended]]:
         """`cf` or `content` is None when that retriever failed: blend without it."""
         bundle, previous = self.models.get(), self.models.previous
-        features = packed_features.get()
+        features = unpack(packed_features)
         cf = [placed_in(r, bundle, previous) for r in unpack(packed_cf) or [None] * len(features)]
         content = [placed_in(r, bundle, previous) for r in unpack(packed_content) or [None] * len(features)]
         lists = self.lists.get()
@@ -65,7 +65,7 @@ class Blender(ModelServing):
             f.trending, f.popular = lists["trending"], lists["popular"]
             f.stale = f.stale or self.lists.stale
         shared = self._shared_candidates(lists, bundle)
-        return Packed([
+        return pack([
             blend_candidates(f, bundle, apply_overrides(self.serving, p), cf=c, content=t, shared=shared)
             for f, c, t, p in zip(features, cf, content, params)
         ])
@@ -90,7 +90,7 @@ class Reranker(ModelServing):
         self, packed_blended: Packed[list[Blended]], k: list[int], request_id: list[str], params: list[dict | None]
     ) -> list[str]:
         bundle = self.models.get()
-        blended = packed_blended.get()
+        blended = unpack(packed_blended)
         return [
             self._response(b, rerank_candidates(b, bundle, n, apply_overrides(self.serving, p)), rid)
             for b, n, rid, p in zip(blended, k, request_id, params)

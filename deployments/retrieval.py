@@ -18,7 +18,7 @@ from ray import serve
 from app.config import Settings
 from app.models import ModelBundle
 from app.recommend import Retrieved, UserFeatures, retrieve_cf, retrieve_content
-from deployments.packed import Packed
+from deployments.packed import Packed, pack, unpack
 from deployments.tuning import ModelServing
 
 
@@ -61,15 +61,15 @@ class CFRetriever(ModelServing):
         return self._fold_model
 
     async def retrieve(self, packed: Packed[list[UserFeatures]]) -> Packed[list[Retrieved]]:
-        bundle, batch = self.models.get(), packed.get()
+        bundle, batch = self.models.get(), unpack(packed)
         if bundle is None:
-            return Packed([Retrieved([], np.empty(0)) for _ in batch])
+            return pack([Retrieved([], np.empty(0)) for _ in batch])
         model = self._fold_in_model(bundle)
         pairs = [(f, fold_in_vector(f, bundle, model, self.serving.fresh_play_weight)) for f in batch]
-        return Packed(retrieve_cf(pairs, bundle, self.serving.candidates))
+        return pack(retrieve_cf(pairs, bundle, self.serving.candidates))
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
 class ContentRetriever(ModelServing):
     async def retrieve(self, packed: Packed[list[UserFeatures]]) -> Packed[list[Retrieved]]:
-        return Packed(retrieve_content(packed.get(), self.models.get(), self.serving.candidates))
+        return pack(retrieve_content(unpack(packed), self.models.get(), self.serving.candidates))

@@ -16,7 +16,7 @@ import pytest
 from app.ranking.blend import Reasons
 from app.recommend import Blended, Retrieved, UserFeatures
 from app.schemas import RecommendationResponse, RecommendedTrack
-from deployments.packed import Packed
+from deployments.packed import pack, unpack
 from deployments.pipeline import RecommendationPipeline, RecommendationRequest
 
 pytestmark = pytest.mark.ray  # the pipeline records Ray metrics
@@ -50,31 +50,31 @@ class Stages:
 
     async def fetch(self, users):
         self._check("fetch")
-        return Packed([UserFeatures(u, known=True) for u in users])
+        return pack([UserFeatures(u, known=True) for u in users])
 
     async def cf(self, packed):
         self._check("cf")
-        return Packed([Retrieved(["t1", "t2"], np.array([2.0, 1.0])) for _ in packed.get()])
+        return pack([Retrieved(["t1", "t2"], np.array([2.0, 1.0])) for _ in unpack(packed)])
 
     async def content(self, packed):
         self._check("content")
-        return Packed([Retrieved(["t3"], np.array([1.0])) for _ in packed.get()])
+        return pack([Retrieved(["t3"], np.array([1.0])) for _ in unpack(packed)])
 
     async def blend(self, packed_features, packed_cf, packed_content, params):
         self._check("blend")
         out = []
-        for n, f in enumerate(packed_features.get()):
+        for n, f in enumerate(unpack(packed_features)):
             ids, reasons = [], []
             for name, packed in (("cf", packed_cf), ("content", packed_content)):
                 if packed is not None:  # None: that retriever failed
-                    ids += packed.get()[n].track_ids
-                    reasons += [name] * len(packed.get()[n].track_ids)
+                    ids += unpack(packed)[n].track_ids
+                    reasons += [name] * len(unpack(packed)[n].track_ids)
             ids.append("t9")
             reasons.append("popular")
             names = list(dict.fromkeys(reasons))
             masks = np.array([1 << names.index(r) for r in reasons])
             out.append(Blended(f.user_id, False, ids, np.linspace(1, 0.5, len(ids)), Reasons(names, masks), {"cf": "v1"}))
-        return Packed(out)
+        return pack(out)
 
     async def rerank(self, packed, ks, ids, params):
         self._check("rerank")
@@ -83,7 +83,7 @@ class Stages:
                 user_id=b.user_id, request_id=i, cold_start=False, degraded=b.degraded, model_versions=b.versions,
                 items=[RecommendedTrack(track_id=t, score=1.0, sources=["reranked"]) for t in reversed(b.track_ids[:k])],
             ).model_dump_json()
-            for b, k, i in zip(packed.get(), ks, ids)
+            for b, k, i in zip(unpack(packed), ks, ids)
         ]
 
     async def popular(self, users, ks, ids):

@@ -25,6 +25,7 @@ import time.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import threading
@@ -101,7 +102,8 @@ def record_job(job: str, outcome: str, seconds: float | None) -> None:
 
 
 def observe_latency(histogram: str, deployment: str) -> Callable:
-    """Decorator: time an async method into `histogram`, tagged with the deployment."""
+    """Decorator: time an async method into `histogram`, tagged with the deployment. The
+    observation is recorded once the method's result is on its way (`after_answer`)."""
 
     def wrap(fn):
         @functools.wraps(fn)
@@ -110,11 +112,19 @@ def observe_latency(histogram: str, deployment: str) -> Callable:
             try:
                 return await fn(*args, **kwargs)
             finally:
-                metric(histogram).observe((time.perf_counter() - t0) * 1000, {"deployment": deployment})
+                after_answer(metric(histogram).observe, (time.perf_counter() - t0) * 1000, {"deployment": deployment})
 
         return timed
 
     return wrap
+
+
+def after_answer(record: Callable, *args) -> None:
+    """Run `record(*args)` on the event loop's next turn, behind what the caller has already
+    scheduled: a replica's result is sent, or the ingress's calls down the DAG go out, first.
+    Recording a Ray metric costs ~0.03 ms of CPU with a live replica's cold caches, which on
+    the request's path is latency."""
+    asyncio.get_running_loop().call_soon(record, *args)
 
 
 class RequestMetrics:

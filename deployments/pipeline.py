@@ -27,7 +27,7 @@ from ray.serve.handle import DeploymentHandle
 
 from app.recommend import Blended, UserFeatures
 from app.schemas import RecommendationResponse, RecommendedTrack
-from deployments.metrics import record_batch, record_fallback
+from deployments.metrics import after_answer, record_batch, record_fallback
 from deployments.packed import Packed, pack, unpack
 
 log = logging.getLogger("ray.serve")
@@ -55,13 +55,14 @@ class RecommendationPipeline:
 
     async def run(self, requests: list[RecommendationRequest]) -> list[str]:
         """Each request's answer as JSON, rendered by the Reranker (or here on the slow path)."""
-        record_batch(len(requests))
         users = [r.user_id for r in requests]
         params = [r.params for r in requests]
         features = self.fetcher.fetch.remote(users)
         blended = self.blender.blend.remote(features, self.cf.retrieve.remote(features), self.content.retrieve.remote(features), params)
         try:
-            return await self.reranker.rerank.remote(blended, [r.k for r in requests], [r.request_id for r in requests], params)
+            answers = self.reranker.rerank.remote(blended, [r.k for r in requests], [r.request_id for r in requests], params)
+            after_answer(record_batch, len(requests))  # once the calls above are on their way
+            return await answers
         except Exception as exc:  # noqa: BLE001 - any stage failure takes the degraded path below
             log.warning("recommendation stage failed for %d requests, taking fallbacks: %s", len(requests), exc)
         self.fallbacks_taken += 1

@@ -103,7 +103,7 @@ def record_job(job: str, outcome: str, seconds: float | None) -> None:
 
 def observe_latency(histogram: str, deployment: str) -> Callable:
     """Decorator: time an async method into `histogram`, tagged with the deployment. The
-    observation is recorded once the method's result is on its way (`after_answer`)."""
+    observation is recorded after the method has returned its result (`after_answer`)."""
 
     def wrap(fn):
         @functools.wraps(fn)
@@ -120,10 +120,10 @@ def observe_latency(histogram: str, deployment: str) -> Callable:
 
 
 def after_answer(record: Callable, *args) -> None:
-    """Run `record(*args)` on the event loop's next turn, behind what the caller has already
-    scheduled: a replica's result is sent, or the ingress's calls down the DAG go out, first.
-    Recording a Ray metric costs ~0.03 ms of CPU with a live replica's cold caches, which on
-    the request's path is latency."""
+    """Run `record(*args)` on the event loop's next turn, behind what is already scheduled
+    there: the ingress's calls down the DAG go out first, and a replica's method hands its
+    result back to Serve first. Recording a Ray metric costs ~0.03 ms of CPU with a live
+    replica's cold caches, which on the request's path is latency."""
     asyncio.get_running_loop().call_soon(record, *args)
 
 

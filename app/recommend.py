@@ -248,13 +248,17 @@ def blend_candidates(
     # string lookup per candidate (nor np.isin's sort, 0.15 ms with cold caches).
     excluded = np.zeros(len(bundle.track_ids), dtype=bool)
     excluded[bundle.indices(features.exclude | features.prefs.blocked_tracks)] = True
-    keep = ~excluded[items] & allowed(
-        bundle.track_ids[items],
-        bundle.artists[items],
-        bundle.explicit[items],
-        blocked_artists=features.prefs.blocked_artists,
-        allow_explicit=features.prefs.allow_explicit,
-    )
+    keep = ~excluded[items]
+    if features.prefs.blocked_artists or not features.prefs.allow_explicit:
+        # Only a listener with blocked artists or without explicit content pays for gathering
+        # the candidates' artists and flags (0.06 ms with cold caches).
+        keep &= allowed(
+            bundle.track_ids[items],
+            bundle.artists[items],
+            bundle.explicit[items],
+            blocked_artists=features.prefs.blocked_artists,
+            allow_explicit=features.prefs.allow_explicit,
+        )
     keep = np.flatnonzero(keep)[: 2 * n]
     items, scores = items[keep], scores[keep]
     reasons = reasons[keep].flag("recency_boost", boosted[keep])

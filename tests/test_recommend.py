@@ -146,6 +146,21 @@ def test_blend_filters_blocked_explicit_and_heard():
     assert list(out.track_ids) == []  # a0's tracks blocked, t4 hidden, t5 and t6 heard, t7 explicit
 
 
+@pytest.mark.parametrize(
+    "prefs, expected",
+    [
+        (UserPrefs(blocked_artists={"a0"}), ["t4", "t5", "t6", "t7"]),  # explicit t7 allowed
+        (UserPrefs(allow_explicit=False), ["t0", "t1", "t2", "t3", "t4", "t5", "t6"]),  # a0 allowed
+        (UserPrefs(), [f"t{i}" for i in range(8)]),
+    ],
+)
+def test_blend_applies_each_preference_on_its_own(prefs, expected):
+    f = UserFeatures("u", True, cf_vector=np.ones(2), prefs=prefs)
+    cf = Retrieved([f"t{i}" for i in range(8)], np.arange(8, 0, -1.0))
+    out = blend_candidates(f, bundle(), settings(source_weights={"cf": 1.0}), cf=cf, now_ms=NOW)
+    assert list(out.track_ids) == expected
+
+
 def test_cold_start_uses_only_history_free_sources():
     b = bundle()
     f = UserFeatures("stranger", False, trending=[("t3", 5.0)], popular=[("t0", 9.0), ("t1", 8.0)])

@@ -79,8 +79,8 @@ def test_model_cache_reloads_a_new_version_and_keeps_the_one_it_replaced(tmp_pat
     first = cache.get()
     assert first.versions["content"] == v1 and cache.previous is None
     v2 = publish(["t2", "t3", "t4"])
-    before_the_interval = cache.get()
-    assert before_the_interval is first
-    second = cache.get()
-    assert second.versions["content"] == v2 and list(second.track_ids) == ["t2", "t3", "t4"]
+    not_yet_checked = cache.get()
+    assert not_yet_checked is first
+    reloaded = cache.get()
+    assert reloaded.versions["content"] == v2 and list(reloaded.track_ids) == ["t2", "t3", "t4"]
     assert cache.previous is first

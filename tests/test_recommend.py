@@ -109,12 +109,13 @@ def test_new_releases_are_the_window_newest_first():
         track_ids=[f"t{i}" for i in range(7)], artists=["a"] * 7, genres=["g"] * 7, embeddings=np.eye(7),
         item_factors=None, versions={"content": "v1"}, release_ms=np.asarray(days) * MS_PER_DAY,
     )
-    def window(days: float, n: int) -> list[str]:  # asked on day 40
-        return new_releases(b, 40 * MS_PER_DAY, days, n).track_ids.tolist()
+    def newest(within: float, n: int) -> list[str]:  # the catalogue as of day 40
+        return new_releases(b, 40 * MS_PER_DAY, within, n).track_ids.tolist()
 
-    assert window(30.0, 10) == ["t5", "t3", "t2", "t4", "t1"]
-    assert window(30.0, 3) == ["t5", "t3", "t2"]
-    assert window(5.0, 10) == ["t5"]
+    thirty_up_to_ten, thirty_up_to_three, five_up_to_ten = newest(30.0, 10), newest(30.0, 3), newest(5.0, 10)
+    assert thirty_up_to_ten == ["t5", "t3", "t2", "t4", "t1"]
+    assert thirty_up_to_three == ["t5", "t3", "t2"]
+    assert five_up_to_ten == ["t5"]
 
 
 def test_blend_rank_normalises_and_credits_sources():

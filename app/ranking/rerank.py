@@ -90,12 +90,14 @@ def _mmr(relevance, emb, rows, k, lam, artists, artist_cap, genres, genre_cap): 
         if rel_term[i] > rel_term[i - 1]:
             ordered = False
             break
+    # Counts are indexed by code + 1: -1 (unknown, as pd.factorize gives it) is a group of
+    # its own, not a negative index into the last group's count.
     n_artists, n_genres = 1, 1
     for i in range(n):
         if artist_cap > 0:
-            n_artists = max(n_artists, artists[rows[i]] + 1)
+            n_artists = max(n_artists, artists[rows[i]] + 2)
         if genre_cap > 0:
-            n_genres = max(n_genres, genres[rows[i]] + 1)
+            n_genres = max(n_genres, genres[rows[i]] + 2)
     max_sim = np.zeros(n)
     upto = np.zeros(n, np.int64)  # how many picks max_sim[i] has seen
     taken_flag = np.zeros(n, np.bool_)
@@ -110,9 +112,9 @@ def _mmr(relevance, emb, rows, k, lam, artists, artist_cap, genres, genre_cap): 
                 break
             if taken_flag[i]:
                 continue
-            if artist_cap > 0 and artist_counts[artists[rows[i]]] >= artist_cap:
+            if artist_cap > 0 and artist_counts[artists[rows[i]] + 1] >= artist_cap:
                 continue
-            if genre_cap > 0 and genre_counts[genres[rows[i]]] >= genre_cap:
+            if genre_cap > 0 and genre_counts[genres[rows[i]] + 1] >= genre_cap:
                 continue
             m = max_sim[i]
             row = rows[i]
@@ -133,7 +135,7 @@ def _mmr(relevance, emb, rows, k, lam, artists, artist_cap, genres, genre_cap): 
         taken += 1
         taken_flag[best] = True
         if artist_cap > 0:
-            artist_counts[artists[rows[best]]] += 1
+            artist_counts[artists[rows[best]] + 1] += 1
         if genre_cap > 0:
-            genre_counts[genres[rows[best]]] += 1
+            genre_counts[genres[rows[best]] + 1] += 1
     return picked[:taken]

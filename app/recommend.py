@@ -23,9 +23,9 @@ import numpy as np
 from app.config import ServingSettings
 from app.models import ModelBundle
 from app.prefs import UserPrefs
-from app.ranking.blend import Reasons, blend_scores
+from app.ranking.blend import Reasons, blend_ranked
 from app.ranking.filters import allowed
-from app.ranking.recency import MS_PER_DAY, recency_boost
+from app.ranking.recency import MS_PER_DAY
 from app.ranking.rerank import mmr_rerank
 from app.ranking.retrieval import top_k
 from app.ranking.segments import user_segment
@@ -235,33 +235,28 @@ def blend_candidates(
         "new_releases": new_releases(bundle, now_ms, settings.new_release_days, n),
         "popular": shared["popular"],
     }
-    items, scores, reasons = blend_scores(
-        {name: _as_indices(bundle, r) for name, r in sources.items()}, settings.weights_for(segment), len(bundle.track_ids)
-    )
-    boosted = np.zeros(len(items), dtype=bool)
-    if len(items) and settings.recency_weight > 0:
-        boost = recency_boost(bundle.release_ms[items], now_ms, settings.recency_half_life_days)
-        scores = scores + settings.recency_weight * boost
-        order = np.argsort(-scores, kind="stable")
-        items, scores, reasons, boosted = items[order], scores[order], reasons[order], (boost >= RECENCY_REASON_MIN)[order]
     # The excluded tracks as a mask over catalog positions: one lookup per candidate, not a
     # string lookup per candidate (nor np.isin's sort, 0.15 ms with cold caches).
     excluded = np.zeros(len(bundle.track_ids), dtype=bool)
     excluded[bundle.indices(features.exclude | features.prefs.blocked_tracks)] = True
-    keep = ~excluded[items]
-    if features.prefs.blocked_artists or not features.prefs.allow_explicit:
-        # Only a listener with blocked artists or without explicit content pays for gathering
-        # the candidates' artists and flags (0.06 ms with cold caches).
-        keep &= allowed(
+    # Only a listener with blocked artists or without explicit content pays for gathering the
+    # candidates' artists and flags (0.06 ms with cold caches); the others' blend stops at 2n.
+    by_preference = bool(features.prefs.blocked_artists) or not features.prefs.allow_explicit
+    items, scores, reasons = blend_ranked(
+        {name: _as_indices(bundle, r) for name, r in sources.items()}, settings.weights_for(segment), len(bundle.track_ids),
+        release_ms=bundle.release_ms, now_ms=now_ms, half_life_days=settings.recency_half_life_days,
+        recency_weight=settings.recency_weight, recency_reason_min=RECENCY_REASON_MIN,
+        excluded=excluded, limit=None if by_preference else 2 * n,
+    )
+    if by_preference:
+        keep = np.flatnonzero(allowed(
             bundle.track_ids[items],
             bundle.artists[items],
             bundle.explicit[items],
             blocked_artists=features.prefs.blocked_artists,
             allow_explicit=features.prefs.allow_explicit,
-        )
-    keep = np.flatnonzero(keep)[: 2 * n]
-    items, scores = items[keep], scores[keep]
-    reasons = reasons[keep].flag("recency_boost", boosted[keep])
+        ))[: 2 * n]
+        items, scores, reasons = items[keep], scores[keep], reasons[keep]
     return Blended(
         user_id=features.user_id,
         cold_start=cold,

@@ -26,7 +26,7 @@ from app.features.lists import SharedLists
 from app.features.reader import FeatureReader
 from app.features.store import RedisOnlineStore
 from app.keys import Keys
-from app.ranking.blend import Reasons
+from app.ranking.blend import Reasons, compile_blend
 from app.ranking.rerank import compile_mmr
 from app.recommend import Blended, Retrieved, UserFeatures, blend_candidates, placed_in, rerank_candidates, shared_candidates
 from app.redis_server import connect
@@ -39,6 +39,7 @@ from deployments.tuning import ModelServing, apply_overrides
 class Blender(ModelServing):
     def __init__(self, settings: Settings):
         super().__init__(settings)
+        compile_blend()
         reader = FeatureReader(
             RedisOnlineStore(connect(settings), Keys(settings.redis.key_prefix)),
             refresh_s=settings.serving.reload_interval_s,

@@ -2,9 +2,12 @@ import pickle
 
 import numpy as np
 
-from app.ranking.blend import Reasons, blend_scores, rank_normalise
+from app.ranking.blend import Reasons, blend_ranked, blend_scores, rank_normalise
+from app.ranking.recency import MS_PER_DAY, recency_boost
 from app.ranking.rerank import mmr_rerank
 from app.ranking.retrieval import content_candidates, top_k
+
+NOW_MS = 1_780_000_000_000
 
 
 def test_top_k_is_sorted_and_honours_exclusions():
@@ -104,6 +107,53 @@ def test_lazy_mmr_picks_what_plain_mmr_picks():
         if rng.random() < 0.5:
             caps.update(genres=rng.integers(-1, 3, n), genre_cap=int(rng.integers(1, 5)))
         assert mmr_rerank(rel, emb, k, lam, **caps).tolist() == _plain_mmr(rel, emb, k, lam, **caps)
+
+
+def _plain_blend(sources, weights, release, now_ms, half_life, boost_weight, excluded, limit):
+    """The blend as the numpy steps it compiles: weighted rank sum per item, best first (ties
+    in order of first proposal), recency boost and re-sort, exclusions, limit."""
+    totals, masks, order_seen, names = {}, {}, [], [s for s in sources if weights.get(s, 0) > 0 and len(sources[s][0])]
+    for bit, name in enumerate(names):
+        items, scores = sources[name]
+        ranks = np.empty(len(scores))
+        ranks[np.argsort(-scores, kind="stable")] = np.arange(len(scores))
+        for item, r in zip(items.tolist(), (1.0 - ranks / len(scores)).tolist()):
+            if item not in totals:
+                order_seen.append(item)
+            totals[item] = totals.get(item, 0.0) + weights[name] * r
+            masks[item] = masks.get(item, 0) | 1 << bit
+    ranked = sorted(order_seen, key=lambda i: -totals[i])
+    boost = {i: recency_boost(release[[i]], now_ms, half_life)[0] for i in ranked}
+    score = {i: totals[i] + boost_weight * boost[i] for i in ranked}
+    ranked = sorted(ranked, key=lambda i: -score[i]) if boost_weight > 0 else ranked
+    kept = [i for i in ranked if not excluded[i]][:limit]
+    flags = [masks[i] | (1 << len(names) if boost_weight > 0 and boost[i] >= 0.5 else 0) for i in kept]
+    return kept, [score[i] for i in kept], flags, [*names, "recency_boost"]
+
+
+def test_compiled_blend_ranks_what_the_plain_steps_rank():
+    """Random sources (unsorted ones, duplicates, ties, unknown release dates, exclusions):
+    the compiled blend must give the plain steps' items, scores and reasons."""
+    rng = np.random.default_rng(11)
+    for _ in range(300):
+        n_items = int(rng.integers(1, 60))
+        sources = {}
+        for name in ("cf", "content", "trending", "new_releases", "popular"):
+            size = int(rng.integers(0, 30))
+            scores = rng.choice([0.1, 0.5, 0.9, 2.0], size) if rng.random() < 0.3 else rng.random(size)
+            sources[name] = (rng.integers(0, n_items, size), np.sort(scores)[::-1] if rng.random() < 0.6 else scores)
+        weights = {name: float(rng.choice([0.0, 0.5, 1.0, 2.0])) for name in sources}
+        release = np.where(rng.random(n_items) < 0.1, np.nan, NOW_MS - rng.random(n_items) * 90 * MS_PER_DAY)
+        excluded = rng.random(n_items) < 0.2
+        boost_weight, limit = float(rng.choice([0.0, 0.3, 1.0])), int(rng.integers(1, 40))
+        items, scores, reasons = blend_ranked(
+            sources, weights, n_items, release_ms=release, now_ms=NOW_MS, half_life_days=30.0,
+            recency_weight=boost_weight, excluded=excluded, limit=limit,
+        )
+        kept, plain_scores, flags, names = _plain_blend(sources, weights, release, NOW_MS, 30.0, boost_weight, excluded, limit)
+        assert items.tolist() == kept
+        np.testing.assert_allclose(scores, plain_scores, rtol=1e-12)
+        assert reasons.masks.tolist() == flags and reasons.names == names
 
 
 def test_content_candidates_find_neighbours_of_recent_plays():

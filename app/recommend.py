@@ -30,6 +30,7 @@ from app.ranking.rerank import mmr_rerank
 from app.ranking.retrieval import top_k
 from app.ranking.segments import user_segment
 from app.schemas import RecommendedTrack
+from app.wire import array, buffer
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +86,13 @@ class Retrieved:
     indices: np.ndarray | None = None
     catalog: str | None = None
 
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        if self.indices is not None and self.catalog is not None:
-            state["track_ids"] = None
-        return state
+    def __reduce_ex__(self, protocol: int):
+        ids = None if self.indices is not None and self.catalog is not None else self.track_ids
+        return _retrieved, (*buffer(ids, protocol), *buffer(self.scores, protocol), *buffer(self.indices, protocol), self.catalog)
+
+
+def _retrieved(ids, ids_dtype, scores, scores_dtype, indices, indices_dtype, catalog) -> Retrieved:
+    return Retrieved(array(ids, ids_dtype), array(scores, scores_dtype), array(indices, indices_dtype), catalog)
 
 
 @dataclass
@@ -106,6 +109,22 @@ class Blended:
     indices: np.ndarray | None = None
     """Positions in the catalog `catalog` (see Retrieved), when the blend had a model bundle."""
     catalog: str | None = None
+
+    def __reduce_ex__(self, protocol: int):
+        """Its arrays as buffers (app/wire.py); every field, in order."""
+        return _blended, (
+            self.user_id, self.cold_start, *buffer(self.track_ids, protocol), *buffer(self.scores, protocol),
+            self.reasons.names, *buffer(self.reasons.masks, protocol), self.versions, self.segment, self.degraded,
+            *buffer(self.indices, protocol), self.catalog,
+        )
+
+
+def _blended(user_id, cold_start, ids, ids_dtype, scores, scores_dtype, names, masks, masks_dtype, versions, segment,
+             degraded, indices, indices_dtype, catalog) -> Blended:
+    return Blended(
+        user_id, cold_start, array(ids, ids_dtype), array(scores, scores_dtype), Reasons(names, array(masks, masks_dtype)),
+        versions, segment, degraded, array(indices, indices_dtype), catalog,
+    )
 
 
 def _exclude_idx(bundle: ModelBundle, features: UserFeatures) -> np.ndarray:

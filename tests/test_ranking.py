@@ -1,6 +1,7 @@
 import pickle
 
 import numpy as np
+import pytest
 
 from app.ranking.blend import Reasons, blend_ranked, blend_scores, rank_normalise
 from app.ranking.recency import MS_PER_DAY, recency_boost
@@ -154,6 +155,14 @@ def test_compiled_blend_ranks_what_the_plain_steps_rank():
         assert items.tolist() == kept
         np.testing.assert_allclose(scores, plain_scores, rtol=1e-12)
         assert reasons.masks.tolist() == flags and reasons.names == names
+
+
+def test_compiled_blend_refuses_positions_outside_the_catalogue():
+    """Compiled code does not check indices; the blend does, instead of writing past its arrays."""
+    with pytest.raises(IndexError):
+        blend_ranked({"cf": (np.array([0, 5]), np.array([1.0, 0.5]))}, {"cf": 1.0}, 3)
+    with pytest.raises(ValueError):
+        blend_ranked({"cf": (np.array([0, 2]), np.array([1.0, 0.5]))}, {"cf": 1.0}, 3, excluded=np.zeros(2, dtype=bool))
 
 
 def test_content_candidates_find_neighbours_of_recent_plays():

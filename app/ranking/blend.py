@@ -140,9 +140,9 @@ def blend_ranked(
     starts[1:] = np.cumsum([len(p) for p in item_parts])
     merged, scores, masks = _blend(
         items, np.concatenate(score_parts), starts, np.asarray(source_weights), n_items,
-        _NO_RELEASES if release_ms is None else release_ms, float(now_ms), float(half_life_days),
-        float(recency_weight) if release_ms is not None else 0.0, float(recency_reason_min),
-        _NOTHING_EXCLUDED if excluded is None else excluded, -1 if limit is None else int(limit),
+        _NO_RELEASES if release_ms is None else np.asarray(release_ms, dtype=np.float64), float(now_ms),
+        float(half_life_days), float(recency_weight) if release_ms is not None else 0.0, float(recency_reason_min),
+        _NOTHING_EXCLUDED if excluded is None else np.asarray(excluded, dtype=np.bool_), -1 if limit is None else int(limit),
     )
     return merged, scores, Reasons(labels, masks)
 
@@ -163,6 +163,13 @@ def compile_blend() -> None:
 def _blend(
     items, scores, starts, weights, n_items, release_ms, now_ms, half_life_days, recency_weight, reason_min, excluded, limit
 ):  # pragma: no cover - compiled
+    # Compiled code does not check indices: a position outside the catalogue would read or
+    # write past an array instead of raising, so it is refused here.
+    if len(excluded) and len(excluded) < n_items or recency_weight > 0 and len(release_ms) < n_items:
+        raise ValueError("excluded and release_ms must cover every catalog position")
+    for item in items:
+        if item < 0 or item >= n_items:
+            raise IndexError("candidate position outside the catalogue")
     # Sum each source's weighted rank into arrays indexed by catalog position, noting each
     # item's sources and the order in which items were first proposed.
     totals = np.zeros(n_items)

@@ -4,9 +4,9 @@ numpy pickles an array through its own reduce: a reconstructor looked up by name
 rebuilt through `__setstate__`, per array. A Serve replica at 50 requests/s runs with cold
 caches, where that was most of the cost of pickling a stage's result: for one user's
 candidates (a `Retrieved`, two arrays) 0.049 ms to dump and 0.034 to load, against 0.027 and
-0.022 as buffers. A class whose `__reduce_ex__` hands its arrays over as `(*buffer(a, protocol), ...)` and
-rebuilds them with `array(value, dtype)` takes the cheap path; anything but a plain 1-D array
-(None, a list, an object array) passes through as it is.
+0.022 as buffers. A class whose `__reduce_ex__` hands its arrays over as
+`(*buffer(a, protocol), ...)` and rebuilds them with `array(value, dtype)` takes the cheap
+path; anything but a plain 1-D array (None, a list, an object array) passes through as it is.
 """
 
 from __future__ import annotations

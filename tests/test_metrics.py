@@ -14,10 +14,13 @@ def test_after_answer_records_behind_work_already_scheduled():
         order.append("sent")
 
     async def main():
+        loop = asyncio.get_running_loop()
         task = asyncio.create_task(send())  # what a handle call or a reply schedules
         after_answer(order.append, "recorded")
         await task
-        await asyncio.sleep(0)
+        turn = loop.create_future()  # resolved on a loop turn scheduled after the record's
+        loop.call_soon(turn.set_result, None)
+        await turn
 
     asyncio.run(main())
     assert order == ["sent", "recorded"]

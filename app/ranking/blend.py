@@ -20,15 +20,25 @@ def rank_normalise(scores: np.ndarray) -> np.ndarray:
 
 @numba.njit(cache=True, nogil=True)
 def _rank_normalised(scores: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
-    n = len(scores)
-    ranks = np.arange(n)
-    for j in range(n - 1):
+    if _best_first(scores):  # as every retriever returns its list: item j's rank is j, no sort
+        return 1.0 - np.arange(len(scores)) / len(scores)
+    return _ranked_by_sort(scores)
+
+
+@numba.njit(cache=True, nogil=True)
+def _best_first(scores: np.ndarray) -> bool:  # pragma: no cover - compiled
+    for j in range(len(scores) - 1):
         if not scores[j] >= scores[j + 1]:
-            # Not best first (every retriever returns its list best first, so this is rare):
-            # rank by a stable sort, ties keeping their order.
-            ranks = np.empty(n, dtype=np.int64)
-            ranks[np.argsort(-scores, kind="mergesort")] = np.arange(n)
-            break
+            return False
+    return True
+
+
+@numba.njit(cache=True, nogil=True)
+def _ranked_by_sort(scores: np.ndarray) -> np.ndarray:  # pragma: no cover - compiled
+    """Normalised ranks by a stable sort, ties keeping their order."""
+    n = len(scores)
+    ranks = np.empty(n, dtype=np.int64)
+    ranks[np.argsort(-scores, kind="mergesort")] = np.arange(n)
     return 1.0 - ranks / n
 
 
@@ -180,13 +190,9 @@ def _blend(
     for s in range(len(weights)):
         a, b = starts[s], starts[s + 1]
         n = b - a
-        best_first = True
-        for j in range(a, b - 1):
-            if not scores[j] >= scores[j + 1]:
-                best_first = False
-                break
         # Best first, as every retriever returns its list, item j's rank is j: no sort.
-        normalised = _NO_RANKS if best_first else _rank_normalised(scores[a:b])
+        best_first = _best_first(scores[a:b])
+        normalised = _NO_RANKS if best_first else _ranked_by_sort(scores[a:b])
         bit = np.int64(1) << s
         for j in range(n):
             item = items[a + j]

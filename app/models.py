@@ -8,6 +8,7 @@ bundle aligns them once at load time so every request is plain array indexing.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -114,8 +115,10 @@ def _release_ms(tracks: pd.DataFrame) -> np.ndarray:
 class ModelCache:
     """Holds the current bundle and reloads it when a job publishes a new version.
 
-    Checking LATEST pointers is a few stat calls, done at most once per `interval_s`, so a
-    replica picks up new models within seconds without a redeploy.
+    Checking LATEST pointers is a few stat calls, done at most once per `interval_s` inside
+    `get()`, so a replica picks up new models within seconds without a redeploy. A serving
+    replica passes `interval_s=inf` and calls `refresh()` from a BackgroundRefresh
+    (app/refresh.py): the reload then happens beside requests, not inside one.
     """
 
     def __init__(self, store: ArtifactStore, interval_s: float, clock=time.monotonic):
@@ -128,17 +131,26 @@ class ModelCache:
         catalog positions (app.recommend.placed_in)."""
         self._seen: tuple | None = None
         self._checked = -float("inf")
+        self._lock = threading.Lock()
 
     def _pointers(self) -> tuple:
         return tuple(self.store.latest_version(n) for n in ("content", "cf", "trending"))
 
     def get(self) -> ModelBundle | None:
-        now = self.clock()
-        if now - self._checked >= self.interval_s:
-            self._checked = now
-            pointers = self._pointers()
-            if pointers != self._seen:
-                self.previous, self.bundle = self.bundle, ModelBundle.load(self.store)
-                self._seen = pointers
-                log.info("loaded models %s", self.bundle.versions if self.bundle else None)
+        if self.clock() - self._checked >= self.interval_s:
+            self.refresh()
         return self.bundle
+
+    def refresh(self) -> bool:
+        """Loads the bundle if a job published since the last look; True when it did. The new
+        bundle replaces the old in one assignment, so a reader sees one or the other."""
+        with self._lock:
+            self._checked = self.clock()
+            pointers = self._pointers()
+            if pointers == self._seen:
+                return False
+            bundle = ModelBundle.load(self.store)
+            self.previous, self.bundle = self.bundle, bundle
+            self._seen = pointers
+        log.info("loaded models %s", bundle.versions if bundle else None)
+        return True

@@ -20,6 +20,7 @@ from app.features.reader import FeatureReader
 from app.features.store import LiveRead, RedisOnlineStore
 from app.keys import Keys
 from app.prefs import prefs_from_hash
+from app.refresh import BackgroundRefresh
 from app.recommend import UserFeatures, user_features_from_row
 from app.redis_server import connect
 from deployments.metrics import observe_latency
@@ -34,10 +35,11 @@ class FeatureFetcher:
         self.client = connect(settings)
         self.reader = FeatureReader(
             RedisOnlineStore(self.client, self.keys),
-            refresh_s=settings.serving.reload_interval_s,
+            refresh_s=float("inf"),  # the alias is re-read by the background thread below
             max_entries=settings.features.snapshot_entries,
             retry_s=settings.features.outage_retry_s,
         )
+        self.refresher = BackgroundRefresh(self.reader.refresh, settings.serving.reload_interval_s, "FeatureFetcher").start()
 
     @observe_latency("feature_fetch", "FeatureFetcher")
     async def fetch(self, user_ids: list[str]) -> Packed[list[UserFeatures]]:

@@ -25,6 +25,7 @@ from app.events.body_limit import BodySizeLimit
 from app.events.http import client_hints
 from app.experiments.serving import ExperimentRouter
 from app.redis_server import connect
+from app.refresh import BackgroundRefresh
 from app.schemas import IngestResponse, RecommendationResponse
 from app.trending.query import trending_query_errors
 from app.flags import disabled_detail, with_flags
@@ -82,7 +83,10 @@ class ApiIngress:
         s = settings
         self.guard = build_guard(connect(s), s.redis.key_prefix, s.auth, s.rate_limit, s.gateway.unavailable_retry_after_s)
         self.web = WebServices(connect(s), s, self.guard)
-        self.experiments = ExperimentRouter.from_settings(connect(s), s)
+        # Experiment definitions are re-read on a background thread, never inside a request.
+        self.experiments = ExperimentRouter.from_settings(connect(s), s, refresh_interval_s=float("inf"))
+        self.experiments.cache.refresh()
+        self.refresher = BackgroundRefresh(self.experiments.cache.refresh, s.experiments.refresh_interval_s, "experiments").start()
         self._exposure_tasks: set[asyncio.Task] = set()  # strong refs until each append is done
         self.batcher = NaturalBatcher(self.pipeline.run, s.serving.request_batch_size, s.serving.request_batches_in_flight)
 

@@ -38,16 +38,23 @@ from deployments.tuning import ModelServing, apply_overrides
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
 class Blender(ModelServing):
     def __init__(self, settings: Settings):
-        super().__init__(settings)
         compile_blend()
-        reader = FeatureReader(
+        # The alias and the lists are re-read by refresh() on the background thread.
+        self.reader = FeatureReader(
             RedisOnlineStore(connect(settings), Keys(settings.redis.key_prefix)),
-            refresh_s=settings.serving.reload_interval_s,
+            refresh_s=float("inf"),
             max_entries=0,
             retry_s=settings.features.outage_retry_s,
         )
-        self.lists = SharedLists(reader, ("trending", "popular"), settings.serving.candidates, settings.serving.reload_interval_s)
+        self.lists = SharedLists(self.reader, ("trending", "popular"), settings.serving.candidates, float("inf"))
         self._shared: tuple = (None, None, None)  # (lists, bundle, their shared_candidates)
+        super().__init__(settings)
+
+    def refresh(self) -> None:
+        super().refresh()
+        self.reader.refresh()
+        self.lists.refresh()
+        self._shared_candidates(self.lists.get(), self.models.get())  # resolved here, off the request path
 
     async def blend(
         self,

@@ -44,21 +44,27 @@ def fold_in_vector(features: UserFeatures, bundle: ModelBundle, model, fresh_wei
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
 class CFRetriever(ModelServing):
     def __init__(self, settings: Settings):
+        self._fold: tuple = (None, None)  # (bundle, its fold-in model)
         super().__init__(settings)
-        self._fold_model = None
-        self._fold_version = None
+
+    def refresh(self) -> None:
+        super().refresh()
+        bundle = self.models.get()
+        if bundle is not None:
+            self._fold_in_model(bundle)  # built here, off the request path
 
     def _fold_in_model(self, bundle: ModelBundle):
+        """The ALS model that folds plays into a user vector for this bundle; rebuilt only
+        when the bundle changes (a new one replaces the pair in one assignment)."""
         from training.als import ImplicitALS
 
-        version = bundle.versions.get("cf")
-        if version != self._fold_version:
-            self._fold_version = version
-            self._fold_model = None
+        if self._fold[0] is not bundle:
+            model = None
             if bundle.item_factors is not None and bundle.cf_params:
                 dummy_users = np.zeros((1, bundle.item_factors.shape[1]), dtype=np.float32)
-                self._fold_model = ImplicitALS.from_factors(dummy_users, bundle.item_factors, **bundle.cf_params)
-        return self._fold_model
+                model = ImplicitALS.from_factors(dummy_users, bundle.item_factors, **bundle.cf_params)
+            self._fold = (bundle, model)
+        return self._fold[1]
 
     async def retrieve(self, packed: Packed[list[UserFeatures]]) -> Packed[list[Retrieved]]:
         bundle, batch = self.models.get(), unpack(packed)

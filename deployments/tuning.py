@@ -13,6 +13,7 @@ import logging
 from app.artifacts import ArtifactStore
 from app.config import ServingSettings, Settings
 from app.models import ModelCache
+from app.refresh import BackgroundRefresh
 
 log = logging.getLogger("ray.serve")
 
@@ -35,8 +36,17 @@ class Tunable:
 
 
 class ModelServing(Tunable):
-    """A tunable deployment holding the model bundle, reloaded when a job publishes."""
+    """A tunable deployment holding the model bundle, reloaded when a job publishes.
+
+    The bundle is loaded before the replica reports ready and then looked for again every
+    `reload_interval_s` on a background thread (app/refresh.py): a request never loads one.
+    Subclasses extend `refresh()` with what they derive from the bundle."""
 
     def __init__(self, settings: Settings):
         super().__init__(settings)
-        self.models = ModelCache(ArtifactStore(settings.paths.artifacts_dir), settings.serving.reload_interval_s)
+        self.models = ModelCache(ArtifactStore(settings.paths.artifacts_dir), interval_s=float("inf"))
+        self.refresh()
+        self.refresher = BackgroundRefresh(self.refresh, settings.serving.reload_interval_s, type(self).__name__).start()
+
+    def refresh(self) -> None:
+        self.models.refresh()

@@ -73,14 +73,15 @@ def test_model_cache_reloads_a_new_version_and_keeps_the_one_it_replaced(tmp_pat
             np.save(out / "embeddings.npy", np.eye(len(ids), dtype=np.float32))
         return store.latest_version("content")
 
-    cache = ModelCache(store, interval_s=float("inf"))  # looks for new versions once only
+    # As a replica builds it: get() loads only what was never loaded; refresh() looks again.
+    cache = ModelCache(store, interval_s=float("inf"))
     v1 = publish(["t1", "t2"])
     first = cache.get()
     assert first.versions["content"] == v1 and cache.previous is None
     v2 = publish(["t2", "t3", "t4"])
-    not_yet_checked = cache.get()
-    assert not_yet_checked is first
-    cache.interval_s = 0.0  # from now on it looks on every get()
+    assert cache.get() is first
+    assert cache.refresh() is True
     reloaded = cache.get()
     assert reloaded.versions["content"] == v2 and list(reloaded.track_ids) == ["t2", "t3", "t4"]
     assert cache.previous is first
+    assert cache.refresh() is False and cache.get() is reloaded  # nothing new: nothing reloaded

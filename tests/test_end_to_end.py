@@ -78,12 +78,30 @@ def system(tmp_path_factory, redis_server, serve_port):
     batch = run_parallel(settings)
     mat = materialize(settings)
     parity = parity_check(settings)
+    # Replicas look for new models and materialisations beside the requests, every
+    # reload_interval_s: wait until they serve what the jobs just published.
+    _served_versions(api, world.users["user_id"].iloc[0], lambda v: set(v) >= {"cf", "content", "trending", "features"})
     yield {
         "api": api, "settings": settings, "world": world, "accepted": accepted,
         "export": export, "batch": batch, "materialize": mat, "parity": parity,
     }
     api.close()
     serve.delete("echotune")
+
+
+def _served_versions(api: httpx.Client, user: str, wanted, timeout_s: float = 60.0) -> list[dict]:
+    """The answers' model_versions until one satisfies `wanted` (every answer must be a
+    whole, undegraded 200 meanwhile); fails if none does within `timeout_s`."""
+    seen: list[dict] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        resp = api.get(f"/v1/users/{user}/recommendations", params={"k": 10})
+        assert resp.status_code == 200 and not resp.json()["degraded"] and len(resp.json()["items"]) == 10, resp.text
+        seen.append(resp.json()["model_versions"])
+        if wanted(seen[-1]):
+            return seen
+        time.sleep(0.1)
+    raise AssertionError(f"the app never served the wanted versions; last {seen[-1:]}")
 
 
 def test_every_posted_event_reaches_parquet_once(system):
@@ -334,3 +352,24 @@ def test_a_new_listening_session_changes_the_next_recommendations(system, redis_
     after, ids = genre_count()
     assert not ids & set(new_tracks), "just-played tracks must not come straight back"
     assert after > before, f"{other} tracks: {before} before the session, {after} after"
+
+
+def test_a_published_model_is_served_without_a_redeploy(system):
+    """A job publishing a new CF version is picked up by the running replicas (their
+    background refresh, app/refresh.py); the answers meanwhile stay whole and undegraded."""
+    import shutil
+
+    from app.artifacts import ArtifactStore
+
+    api, world = system["api"], system["world"]
+    store = ArtifactStore(system["settings"].paths.artifacts_dir)
+    current = store.latest("cf")
+    meta = {k: v for k, v in current.manifest.items() if k not in ("name", "version", "created_at", "files")}
+    with store.publish("cf", meta=meta) as out:
+        for name in current.manifest["files"]:
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(current.file(name), out / name)
+    new = store.latest_version("cf")
+    assert new != current.version
+    seen = _served_versions(api, world.users["user_id"].iloc[0], lambda v: v["cf"] == new)
+    assert {v["cf"] for v in seen} <= {current.version, new}

@@ -93,21 +93,25 @@ class AssignmentCache:
         self.load = load
         self.refresh_interval_s = refresh_interval_s
         self.clock = clock
-        self.experiments: list[Experiment] = []
-        self.killed: set[str] = set()
+        self.snapshot: tuple[list[Experiment], set[str]] = ([], set())
+        """(running experiments, killed variants), replaced in one assignment: a reader on
+        another thread never pairs new definitions with old kill switches."""
         self._loaded_at = -float("inf")
 
     def refresh_if_stale(self) -> None:
-        now = self.clock()
-        if now - self._loaded_at < self.refresh_interval_s:
-            return
-        self._loaded_at = now
+        if self.clock() - self._loaded_at >= self.refresh_interval_s:
+            self.refresh()
+
+    def refresh(self) -> None:
+        """Re-reads the definitions now: a replica calls this from a BackgroundRefresh
+        (app/refresh.py) and builds the cache with `refresh_interval_s=inf`."""
+        self._loaded_at = self.clock()
         try:
-            self.experiments, self.killed = self.load()
+            self.snapshot = self.load()
         except Exception as exc:  # noqa: BLE001 - any failure to read means: assign nobody
             log.warning("cannot read experiment definitions, assigning nobody: %s", exc)
-            self.experiments, self.killed = [], set()
+            self.snapshot = ([], set())
 
     def assign(self, user_id: str) -> list[Assignment]:
         self.refresh_if_stale()
-        return assign(self.experiments, self.killed, user_id)
+        return assign(*self.snapshot, user_id)

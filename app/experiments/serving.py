@@ -72,11 +72,14 @@ class ExperimentRouter:
         self.stream = stream
 
     @classmethod
-    def from_settings(cls, client: redis.Redis, settings: Settings) -> "ExperimentRouter":
+    def from_settings(cls, client: redis.Redis, settings: Settings, refresh_interval_s: float | None = None) -> "ExperimentRouter":
+        """`refresh_interval_s` of the assignment cache: by default the configured one; inf
+        when a BackgroundRefresh calls `cache.refresh` instead."""
         registry = ExperimentRegistry(client, Keys(settings.redis.key_prefix))
         cfg = settings.experiments
         stream = EventStream.from_settings(client, settings) if cfg.log_exposures else None
-        return cls(AssignmentCache(registry.snapshot, cfg.refresh_interval_s), stream)
+        interval = cfg.refresh_interval_s if refresh_interval_s is None else refresh_interval_s
+        return cls(AssignmentCache(registry.snapshot, interval), stream)
 
     def assign(self, user_id: str) -> tuple[list[Assignment], dict[str, Any] | None]:
         assignments = self.cache.assign(user_id)

@@ -51,11 +51,24 @@ class FeatureReader:
     def _current(self) -> Published | None:
         # The alias moves once per materialisation; re-reading it every `refresh_s` keeps a
         # steady-state read at one round trip.
-        now = self.clock()
-        if self._published is None or now - self._checked >= self.refresh_s:
-            self._published = self.store.current()
-            self._checked = now
+        if self._published is None or self.clock() - self._checked >= self.refresh_s:
+            self._read_alias()
         return self._published
+
+    def _read_alias(self) -> None:
+        published = self.store.current()
+        self._published, self._checked = published, self.clock()
+
+    def refresh(self) -> None:
+        """Re-reads the alias now: a replica calls this from a BackgroundRefresh
+        (app/refresh.py) and builds the reader with `refresh_s=inf`, so a read never waits
+        for it. Unreachable, the alias read before stays in use and the breaker opens as a
+        failed read would open it."""
+        try:
+            self._read_alias()
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            log.warning("online store unreachable, keeping the feature alias read before: %s", exc)
+            self._down_until = self.clock() + self.retry_s
 
     def read(
         self, requests: list[tuple[str, str]], rankings: list[tuple[str, int]] = (), live: list[LiveRead] = ()

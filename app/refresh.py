@@ -1,0 +1,56 @@
+"""Periodic reloads beside the request path rather than inside it.
+
+A serving replica keeps things that change rarely: the model bundle, the feature alias, the
+trending and popular lists, the experiment definitions. Checked inline, the first request
+after each interval pays the check (a Redis round trip or a few stat calls) and the first
+request after a publish pays the whole reload, while every other request on that replica's
+event loop waits behind it. A `BackgroundRefresh` does that work on a daemon thread instead:
+requests read whatever was loaded last, and a reload swaps one reference when it is done.
+
+The caches keep their inline check for callers without a thread (jobs, tests); a replica
+builds them with `interval_s=inf`, so the request path only ever loads what was never
+loaded, and hands their `refresh` to a `BackgroundRefresh`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+
+class BackgroundRefresh:
+    """Calls `refresh` every `interval_s` seconds on a daemon thread until `stop()`.
+
+    A failing refresh is logged and tried again at the next tick; the caller keeps serving
+    what it loaded before (each cache decides what a failure means, e.g. the experiment
+    cache fails closed)."""
+
+    def __init__(self, refresh: Callable[[], None], interval_s: float, name: str):
+        if not interval_s > 0:
+            raise ValueError(f"interval_s must be > 0, got {interval_s}")
+        self.refresh = refresh
+        self.interval_s = interval_s
+        self.name = name
+        self.failures = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"echotune-refresh-{name}", daemon=True)
+
+    def start(self) -> "BackgroundRefresh":
+        self._thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.refresh()
+            except Exception:  # noqa: BLE001 - logged; the next tick tries again
+                self.failures += 1
+                log.exception("background refresh %s failed; serving what was loaded before", self.name)

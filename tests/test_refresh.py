@@ -1,0 +1,68 @@
+"""BackgroundRefresh: what keeps a replica's models, lists and experiments current without a
+request ever waiting for a reload."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from app.refresh import BackgroundRefresh
+
+
+def test_a_failing_refresh_is_retried_at_the_next_tick_and_stop_ends_the_thread():
+    calls = []
+    second_call = threading.Event()
+
+    def refresh():
+        calls.append(threading.current_thread().name)
+        if len(calls) == 1:
+            raise OSError("artifact half written")
+        second_call.set()
+
+    refresher = BackgroundRefresh(refresh, interval_s=0.01, name="models").start()
+    try:
+        assert second_call.wait(timeout=30), "the refresh was not tried again after a failure"
+    finally:
+        refresher.stop()
+    assert refresher.failures == 1
+    assert calls[0] == "echotune-refresh-models" != threading.current_thread().name
+    assert not refresher._thread.is_alive()  # joined: nothing is called after stop()
+
+
+def test_an_interval_that_is_not_positive_is_refused():
+    with pytest.raises(ValueError, match="interval_s"):
+        BackgroundRefresh(lambda: None, interval_s=0, name="x")
+
+
+def test_a_serving_replica_has_its_models_at_start_and_picks_up_a_publish_with_no_request(tmp_path):
+    import time
+
+    import numpy as np
+    import pandas as pd
+
+    from app.artifacts import ArtifactStore
+    from app.config import settings_from_args
+    from deployments.tuning import ModelServing
+
+    settings = settings_from_args({"paths": {"state_dir": str(tmp_path)}, "serving": {"reload_interval_s": 0.05}})
+    store = ArtifactStore(settings.paths.artifacts_dir)
+
+    def publish(ids):
+        with store.publish("content") as out:
+            pd.DataFrame({"track_id": ids, "artist_id": "a", "genre": "rock"}).to_parquet(out / "tracks.parquet")
+            np.save(out / "embeddings.npy", np.eye(len(ids), dtype=np.float32))
+        return store.latest_version("content")
+
+    v1 = publish(["t1", "t2"])
+    replica = ModelServing(settings)
+    try:
+        first = replica.models.bundle  # loaded in __init__, before Serve routes a request here
+        assert first.versions["content"] == v1
+        v2 = publish(["t2", "t3", "t4"])
+        deadline = time.monotonic() + 30
+        while replica.models.bundle is first and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert replica.models.bundle.versions["content"] == v2 and replica.models.previous is first
+    finally:
+        replica.refresher.stop()

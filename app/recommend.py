@@ -30,7 +30,7 @@ from app.ranking.rerank import mmr_rerank
 from app.ranking.retrieval import top_k
 from app.ranking.segments import user_segment
 from app.schemas import RecommendedTrack
-from app.wire import array, buffer
+from app.wire import array, buffer, id_list, ids
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,17 @@ class UserFeatures:
     stale: bool = False
     """Features came from the replica's local snapshot because the online store was down."""
 
+    def __reduce_ex__(self, protocol: int):
+        """Features go to three stages per request: ids as one string each, the vector as a
+        buffer (app/wire.py)."""
+        p = self.prefs
+        return _user_features, (
+            self.user_id, self.known, *buffer(self.cf_vector, protocol),
+            ids(self.recent_tracks), ids(self.seen_tracks), ids(self.heard_recently), ids(self.online_recent), self.n_plays,
+            p.allow_explicit, ids(p.blocked_tracks), ids(p.blocked_artists),
+            self.trending, self.popular, self.feature_version, self.cf_version, self.stale,
+        )
+
     @property
     def fresh_plays(self) -> list[str]:
         """Plays not yet reflected in the materialised history: they drive the fold-in."""
@@ -68,6 +79,17 @@ class UserFeatures:
     @property
     def exclude(self) -> set[str]:
         return set(self.heard_recently) | set(self.online_recent)
+
+
+def _user_features(
+    user_id, known, vector, vector_dtype, recent, seen, heard, online, n_plays,
+    allow_explicit, blocked_tracks, blocked_artists, trending, popular, feature_version, cf_version, stale,
+) -> UserFeatures:
+    return UserFeatures(
+        user_id, known, array(vector, vector_dtype), id_list(recent), id_list(seen), id_list(heard), id_list(online), n_plays,
+        UserPrefs(allow_explicit, set(id_list(blocked_tracks)), set(id_list(blocked_artists))),
+        trending, popular, feature_version, cf_version, stale,
+    )
 
 
 @dataclass

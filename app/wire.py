@@ -7,12 +7,16 @@ candidates (a `Retrieved`, two arrays) 0.049 ms to dump and 0.034 to load, again
 0.022 as buffers. A class whose `__reduce_ex__` hands its arrays over as
 `(*buffer(a, protocol), ...)` and rebuilds them with `array(value, dtype)` takes the cheap
 path; anything but a plain 1-D array (None, a list, an object array) passes through as it is.
+
+Lists of track ids go the same way as one string (`ids` and `id_list`): pickle writes and
+reads one object instead of one per id. A user's features (about 70 ids in the bench world)
+then dumped in 0.037 instead of 0.061 ms cold and loaded in 0.038 instead of 0.059.
 """
 
 from __future__ import annotations
 
 import pickle
-from typing import Any
+from typing import Any, Collection
 
 import numpy as np
 
@@ -32,3 +36,21 @@ def buffer(value: Any, protocol: int) -> tuple[Any, str | None]:
 def array(value: Any, dtype: str | None) -> Any:
     """The inverse of `buffer`."""
     return value if dtype is None else np.frombuffer(value, dtype)
+
+
+ID_SEPARATOR = "\x1f"
+"""ASCII unit separator: not a character an id may hold (app/schemas.py `Id`)."""
+
+
+def ids(values: Collection[str]) -> str | list[str]:
+    """The ids joined into one string, or as a list when that could not be split back (an
+    id holding the separator, or no ids at all)."""
+    joined = ID_SEPARATOR.join(values)
+    if joined.count(ID_SEPARATOR) == len(values) - 1:
+        return joined
+    return list(values)
+
+
+def id_list(value: str | list[str]) -> list[str]:
+    """The inverse of `ids`."""
+    return value.split(ID_SEPARATOR) if type(value) is str else list(value)

@@ -33,6 +33,27 @@ def test_a_lone_request_goes_at_once_and_gets_its_answer():
     assert asyncio.run(scenario()) == (42, 1)
 
 
+def test_a_lone_request_runs_in_its_callers_task_and_a_backlog_does_not():
+    """At low load a request is its own batch with nothing in between (no task or future to
+    hand the answer back); requests that had to wait are run for them."""
+
+    async def scenario():
+        callers = {}
+
+        async def record(items):
+            callers[items[0]] = asyncio.current_task()
+            await asyncio.sleep(0)
+            return items
+
+        batcher = NaturalBatcher(record, max_batch_size=8, max_in_flight=1)
+        first = asyncio.create_task(batcher.submit(1))
+        second = asyncio.create_task(batcher.submit(2))
+        assert await asyncio.gather(first, second) == [1, 2]
+        return callers[1] is first, callers[2] is second
+
+    assert asyncio.run(scenario()) == (True, False)
+
+
 def test_requests_arriving_while_busy_leave_together_in_order():
     async def scenario():
         fn = Recorder()

@@ -357,7 +357,8 @@ class ServingSettings(Strict):
     max_k: int = Field(200, ge=1)
     """Largest k a client may ask for."""
     reload_interval_s: float = Field(10.0, gt=0)
-    """How often a replica checks for newly published model versions."""
+    """How often a replica checks for newly published model versions and feature
+    materialisations, on a background thread (app/refresh.py): requests never wait for it."""
     request_batch_size: int = Field(32, ge=1)
     """Most recommendation requests the ingress sends down the DAG as one batch: each stage
     then costs one Serve call per batch instead of one per request. Only a backlog fills a

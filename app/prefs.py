@@ -9,8 +9,7 @@ import redis
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.keys import Keys
-
-SEP = "\x1f"
+from app.wire import ID_SEPARATOR as SEP
 
 
 @dataclass

@@ -51,9 +51,11 @@ class Blender(ModelServing):
         super().__init__(settings)
 
     def refresh(self) -> None:
-        super().refresh()
+        # The lists first: they handle an outage themselves, and a model that fails to load
+        # (raising to the refresher, which logs it) must not keep them from moving on.
         self.reader.refresh()
         self.lists.refresh()
+        super().refresh()
         self._shared_candidates(self.lists.get(), self.models.get())  # resolved here, off the request path
 
     async def blend(

@@ -28,12 +28,15 @@ class BackgroundRefresh:
     what it loaded before (each cache decides what a failure means, e.g. the experiment
     cache fails closed)."""
 
-    def __init__(self, refresh: Callable[[], None], interval_s: float, name: str):
+    def __init__(self, refresh: Callable[[], None], interval_s: float, name: str, on_failure: Callable[[str], None] | None = None):
+        """`on_failure(name)` is told of every failed refresh (a replica counts them in a
+        metric: a reload that keeps failing means the replica serves old models)."""
         if not interval_s > 0:
             raise ValueError(f"interval_s must be > 0, got {interval_s}")
         self.refresh = refresh
         self.interval_s = interval_s
         self.name = name
+        self.on_failure = on_failure
         self.failures = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"echotune-refresh-{name}", daemon=True)
@@ -51,6 +54,15 @@ class BackgroundRefresh:
         while not self._stop.wait(self.interval_s):
             try:
                 self.refresh()
-            except Exception:  # noqa: BLE001 - logged; the next tick tries again
+            except Exception:  # noqa: BLE001 - logged and counted; the next tick tries again
                 self.failures += 1
                 log.exception("background refresh %s failed; serving what was loaded before", self.name)
+                self._tell_failure()
+
+    def _tell_failure(self) -> None:
+        if self.on_failure is None:
+            return
+        try:
+            self.on_failure(self.name)
+        except Exception:  # noqa: BLE001 - a metric that cannot be recorded must not end the refreshing
+            log.exception("could not record the failure of background refresh %s", self.name)

@@ -23,7 +23,7 @@ from app.prefs import prefs_from_hash
 from app.refresh import BackgroundRefresh
 from app.recommend import UserFeatures, user_features_from_row
 from app.redis_server import connect
-from deployments.metrics import observe_latency
+from deployments.metrics import observe_latency, record_refresh_failure
 from deployments.packed import Packed, pack
 
 
@@ -39,7 +39,9 @@ class FeatureFetcher:
             max_entries=settings.features.snapshot_entries,
             retry_s=settings.features.outage_retry_s,
         )
-        self.refresher = BackgroundRefresh(self.reader.refresh, settings.serving.reload_interval_s, "FeatureFetcher").start()
+        self.refresher = BackgroundRefresh(
+            self.reader.refresh, settings.serving.reload_interval_s, "FeatureFetcher", on_failure=record_refresh_failure
+        ).start()
 
     @observe_latency("feature_fetch", "FeatureFetcher")
     async def fetch(self, user_ids: list[str]) -> Packed[list[UserFeatures]]:

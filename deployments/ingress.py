@@ -30,7 +30,7 @@ from app.schemas import IngestResponse, RecommendationResponse
 from app.trending.query import trending_query_errors
 from app.flags import disabled_detail, with_flags
 from deployments.gateway import ingest_events
-from deployments.metrics import RequestMetrics, record_refused
+from deployments.metrics import RequestMetrics, record_refresh_failure, record_refused
 from deployments.pipeline import RecommendationPipeline, RecommendationRequest
 from deployments.runtime import REPLICA_ENV
 from deployments.web import WebServices, mount_web
@@ -86,7 +86,9 @@ class ApiIngress:
         # Experiment definitions are re-read on a background thread, never inside a request.
         self.experiments = ExperimentRouter.from_settings(connect(s), s, refresh_interval_s=float("inf"))
         self.experiments.cache.refresh()
-        self.refresher = BackgroundRefresh(self.experiments.cache.refresh, s.experiments.refresh_interval_s, "experiments").start()
+        self.refresher = BackgroundRefresh(
+            self.experiments.cache.refresh, s.experiments.refresh_interval_s, "experiments", on_failure=record_refresh_failure
+        ).start()
         self._exposure_tasks: set[asyncio.Task] = set()  # strong refs until each append is done
         self.batcher = NaturalBatcher(self.pipeline.run, s.serving.request_batch_size, s.serving.request_batches_in_flight)
 

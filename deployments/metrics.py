@@ -16,6 +16,7 @@ adds the `ray_` prefix). The service-discovery file Ray writes at
 | ray_echotune_consumer_pending                | gauge     | group (delivered, not acknowledged) |
 | ray_echotune_feature_fetch_latency_ms        | histogram | deployment                 |
 | ray_echotune_recommendation_batch_size       | histogram | (requests per DAG batch)   |
+| ray_echotune_refresh_failures_total          | counter   | refresh (the replica class, or experiments) |
 | ray_echotune_job_seconds                     | gauge     | job, outcome (last run)    |
 | ray_echotune_job_runs_total                  | counter   | job, outcome               |
 
@@ -63,6 +64,10 @@ def _metrics() -> dict:
             "echotune_recommendation_batch_size", "Recommendation requests travelling the DAG as one batch.",
             boundaries=[1, 2, 4, 8, 16, 32, 64, 128],
         ),
+        "refresh_failures": Counter(
+            "echotune_refresh_failures_total", "Failed background reloads of models, lists or experiments (the replica keeps what it had).",
+            tag_keys=("refresh",),
+        ),
         "job_seconds": Gauge("echotune_job_seconds", "Duration of the last run of a pipeline stage.", tag_keys=("job", "outcome")),
         "job_runs": Counter("echotune_job_runs_total", "Pipeline stage runs per outcome.", tag_keys=("job", "outcome")),
     }
@@ -74,6 +79,10 @@ def metric(name: str):
 
 def record_fallback(deployment: str = "ApiIngress") -> None:
     metric("fallbacks").inc(1, {"deployment": deployment})
+
+
+def record_refresh_failure(name: str) -> None:
+    metric("refresh_failures").inc(1, {"refresh": name})
 
 
 def record_batch(size: int) -> None:

@@ -14,6 +14,7 @@ from app.artifacts import ArtifactStore
 from app.config import ServingSettings, Settings
 from app.models import ModelCache
 from app.refresh import BackgroundRefresh
+from deployments.metrics import record_refresh_failure
 
 log = logging.getLogger("ray.serve")
 
@@ -46,7 +47,9 @@ class ModelServing(Tunable):
         super().__init__(settings)
         self.models = ModelCache(ArtifactStore(settings.paths.artifacts_dir), interval_s=float("inf"))
         self.refresh()
-        self.refresher = BackgroundRefresh(self.refresh, settings.serving.reload_interval_s, type(self).__name__).start()
+        self.refresher = BackgroundRefresh(
+            self.refresh, settings.serving.reload_interval_s, type(self).__name__, on_failure=record_refresh_failure
+        ).start()
 
     def refresh(self) -> None:
         self.models.refresh()

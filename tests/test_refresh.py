@@ -20,12 +20,18 @@ def test_a_failing_refresh_is_retried_at_the_next_tick_and_stop_ends_the_thread(
             raise OSError("artifact half written")
         second_call.set()
 
-    refresher = BackgroundRefresh(refresh, interval_s=0.01, name="models").start()
+    told = []
+
+    def count_failure(name):  # and fail at it: a metric that cannot be recorded ends nothing
+        told.append(name)
+        raise RuntimeError("metrics agent gone")
+
+    refresher = BackgroundRefresh(refresh, interval_s=0.01, name="models", on_failure=count_failure).start()
     try:
         assert second_call.wait(timeout=30), "the refresh was not tried again after a failure"
     finally:
         refresher.stop()
-    assert refresher.failures == 1
+    assert refresher.failures == 1 and told == ["models"]
     assert calls[0] == "echotune-refresh-models" != threading.current_thread().name
     assert not refresher._thread.is_alive()  # joined: nothing is called after stop()
 

@@ -84,6 +84,20 @@ class ArtifactStore:
             shutil.rmtree(staging, ignore_errors=True)
             raise
 
+    def republish(self, name: str, version: str | None = None) -> str:
+        """Publish a copy of `version` (default: the latest) as a new version and return it.
+        Publishing an older version is how a model is rolled back: serving replicas pick it
+        up like any publish (app/refresh.py). Its manifest keeps the original's metadata."""
+        source = self.get(name, version) if version else self.latest(name)
+        if source is None:
+            raise FileNotFoundError(f"no published {name!r} to republish")
+        meta = {k: v for k, v in source.manifest.items() if k not in ("name", "version", "created_at", "files")}
+        with self.publish(name, meta=meta) as out:
+            for rel in source.manifest["files"]:
+                (out / rel).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source.file(rel), out / rel)
+        return self.latest_version(name)
+
     def latest_version(self, name: str) -> str | None:
         try:
             return (self.root / name / "LATEST").read_text().strip() or None

@@ -26,6 +26,7 @@ import resource
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -229,6 +230,25 @@ def start_local_serve(state: Path, redis_url: str) -> tuple[int, dict]:
     return port, settings_args(state, redis_url, {"n_users": 400, "n_tracks": 800, "n_artists": 80, "clip_seconds": 2.0})
 
 
+@contextmanager
+def local_system(state: Path):
+    """`start_redis` and `start_local_serve` as one: yields (redis server, port, app args) and
+    on exit shuts Serve and Ray down before stopping Redis (replicas may still be reading)."""
+    import ray
+    from ray import serve
+
+    redis_server = start_redis(state)
+    try:
+        port, app_args = start_local_serve(state, redis_server.url)
+        yield redis_server, port, app_args
+    finally:
+        try:
+            serve.shutdown()
+            ray.shutdown()
+        finally:
+            redis_server.stop()
+
+
 def prepare(args: dict, api: str, headers: dict | None = None) -> None:
     """Run the pipeline once (events in over HTTP, export, batch jobs, materialise) unless the
     state folder already holds its results."""
@@ -273,15 +293,12 @@ def main() -> None:
     # As deployed: Serve's high-throughput mode behind HAProxy, the malloc arena cap.
     apply_cluster_env(os.environ, own_side_ports=True)
 
-    import ray
     import pandas as pd
     from ray import serve
 
     from deployments.app import build_app
 
-    redis_server = start_redis(args.state)
-    try:
-        port, app_args = start_local_serve(args.state, redis_server.url)
+    with local_system(args.state) as (_, port, app_args):
         logging_config = serve_logging_config()  # ray_config.yaml's, as `serve deploy` applies it
         serve.run(build_app(app_args), name="echotune", route_prefix="/", logging_config=logging_config)
         wait_http(f"http://127.0.0.1:{port}/healthz")
@@ -320,12 +337,6 @@ def main() -> None:
                 print(f"{name:>4} closed loop, {workers:>3} workers: {r['throughput_rps']:.0f} req/s  "
                       f"p95 {r['p95_ms']:.1f} ms  errors {r['errors']}  CPU {r['cpu_ms_per_request']:.1f} ms/request "
                       f"(load generator {r['client_cpu_ms_per_request']:.1f})")
-    finally:
-        try:
-            serve.shutdown()
-            ray.shutdown()
-        finally:
-            redis_server.stop()
 
     ours, bare = results["ours"], results["bare"]
     by_workers = {name: {str(w): round(r["throughput_rps"], 1) for w, r in levels.items()} for name, levels in closed.items()}

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from deployments.runtime import apply_cluster_env, serve_logging_config, wait_http  # noqa: E402
-from benchmarks.serve import prepare, start_local_serve, start_redis  # noqa: E402
+from benchmarks.serve import local_system, prepare  # noqa: E402
 
 WARMUP_S = 60.0
 SAMPLE_EVERY_S = 15.0
@@ -213,9 +213,7 @@ def main() -> None:
     from jobs.export_events import export_events
 
     seconds = args.minutes * 60
-    redis_server = start_redis(args.state)
-    try:
-        port, app_args = start_local_serve(args.state, redis_server.url)
+    with local_system(args.state) as (redis_server, port, app_args):
         app_args["auth"] = {"enabled": True}
         if args.dedup_window_s:
             app_args.setdefault("gateway", {})["dedup_window_s"] = args.dedup_window_s
@@ -283,12 +281,6 @@ def main() -> None:
         in_stream = len(client.xrange(settings.redis.stream_key, min=f"({last_id_before}", max="+"))
         redis_after = _redis_memory(client)
         dead_letters = client.xlen(settings.redis.dead_letter_key)
-    finally:
-        try:
-            serve.shutdown()
-            ray.shutdown()
-        finally:
-            redis_server.stop()
 
     memory = memory_report(samples, seconds)
     print(f"\nrecommendations: {rec_result['ok']}/{rec_result['sent']} ok, errors {rec_result['errors']} {rec_result['error_kinds']}, "

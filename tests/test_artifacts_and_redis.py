@@ -31,6 +31,25 @@ def test_failed_publish_keeps_previous_version(tmp_path):
     assert [p.name for p in (tmp_path / "cf").iterdir() if p.name.startswith(".staging")] == []
 
 
+def test_republishing_an_older_version_rolls_back_with_its_files_and_metadata(tmp_path):
+    store = ArtifactStore(tmp_path)
+    with store.publish("cf", meta={"params": {"alpha": 10.0}}) as out:
+        (out / "sub").mkdir()
+        (out / "sub" / "factors.bin").write_bytes(b"v1 factors")
+    v1 = store.latest_version("cf")
+    with store.publish("cf", meta={"params": {"alpha": 40.0}}) as out:
+        (out / "sub").mkdir()
+        (out / "sub" / "factors.bin").write_bytes(b"v2 factors")
+
+    rolled_back = store.republish("cf", v1)
+    latest = store.latest("cf")
+    assert rolled_back == latest.version and rolled_back != v1
+    assert latest.file("sub/factors.bin").read_bytes() == b"v1 factors"
+    assert latest.manifest["params"] == {"alpha": 10.0} and store.verify(latest) == []
+    with pytest.raises(FileNotFoundError, match="trending"):
+        store.republish("trending")
+
+
 def test_embedded_redis_registers_persists_and_stops(tmp_path):
     settings = settings_from_args({"paths": {"state_dir": str(tmp_path)}})
     with pytest.raises(RedisUnavailable, match="no redis.url configured"):

@@ -1,10 +1,10 @@
 """Blender and Reranker: hybrid blend of every candidate source, then diversity re-ranking.
 
 Both run on the replica's event loop (`async` methods): a plain method is handed to a worker
-thread and back on every call, which cost more than the work. The Blender's one blocking
-read, the shared lists once per `reload_interval_s`, is a single round trip, and during an
-outage the reader's breaker (features.outage_retry_s) bounds how often a hung Redis can block
-the loop. Two copies of the app on one 2-core cluster, the same load alternating between them
+thread and back on every call, which cost more than the work. The Blender reads the shared
+lists on its background refresh thread (app/refresh.py); only while they are stale (Redis
+was unreachable) does a request read them again, and then the reader's breaker
+(features.outage_retry_s) bounds how often a hung Redis can block the loop. Two copies of the app on one 2-core cluster, the same load alternating between them
 (benchmarks/serve.py's load, three rounds): with the Blender's and the FeatureFetcher's methods
 `async` the Blender spent 2.90-2.95 against 3.43-3.70 ms of CPU per request at 50 req/s, the
 FeatureFetcher 1.85 against 2.25-2.58, the p95 was 27-32 against 31-43 ms, and saturation

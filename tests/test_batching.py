@@ -39,15 +39,19 @@ def test_a_lone_request_runs_in_its_callers_task_and_a_backlog_does_not():
 
     async def scenario():
         callers = {}
+        gate = asyncio.Event()
 
         async def record(items):
             callers[items[0]] = asyncio.current_task()
-            await asyncio.sleep(0)
+            await gate.wait()
             return items
 
         batcher = NaturalBatcher(record, max_batch_size=8, max_in_flight=1)
         first = asyncio.create_task(batcher.submit(1))
         second = asyncio.create_task(batcher.submit(2))
+        # Opened after both tasks' first steps (the loop runs callbacks in order): the first
+        # request is under way and the second has queued behind it.
+        asyncio.get_running_loop().call_soon(gate.set)
         assert await asyncio.gather(first, second) == [1, 2]
         return callers[1] is first, callers[2] is second
 

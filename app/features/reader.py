@@ -63,12 +63,14 @@ class FeatureReader:
         """Re-reads the alias now: a replica calls this from a BackgroundRefresh
         (app/refresh.py) and builds the reader with `refresh_s=inf`, so a read never waits
         for it. Unreachable, the alias read before stays in use and the breaker opens as a
-        failed read would open it."""
+        failed read would open it; reachable, it closes the breaker (Redis is back)."""
         try:
             self._read_alias()
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             log.warning("online store unreachable, keeping the feature alias read before: %s", exc)
             self._down_until = self.clock() + self.retry_s
+            return
+        self._down_until = -float("inf")
 
     def read(
         self, requests: list[tuple[str, str]], rankings: list[tuple[str, int]] = (), live: list[LiveRead] = ()

@@ -20,38 +20,12 @@ import json
 import os
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 from deployments.runtime import apply_cluster_env, serve_logging_config, wait_http  # no Ray import: safe before the env is set
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from serve import local_system, pooled, prepare, run_load  # noqa: E402  benchmarks/serve.py
-
-
-class Publisher:
-    """Republishes `name` every `every_s` seconds on a thread while started."""
-
-    def __init__(self, store, name: str, every_s: float):
-        self.store, self.name, self.every_s = store, name, every_s
-        self.published = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def __enter__(self) -> "Publisher":
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.every_s):
-            self.store.republish(self.name)
-            self.published += 1
 
 
 def main() -> None:
@@ -70,6 +44,7 @@ def main() -> None:
     from ray import serve
 
     from app.artifacts import ArtifactStore
+    from app.refresh import BackgroundRefresh
     from app.config import settings_from_args
     from deployments.app import build_app
 
@@ -82,23 +57,26 @@ def main() -> None:
         url = f"http://127.0.0.1:{port}/v1/users/{{user}}/recommendations?k=20"
         run_load("open", url, users, 20, 3)  # warm (numba, handles, connections)
 
-        publisher = Publisher(store, "trending", args.every)
+        published: list[str] = []
         runs: dict[str, list[dict]] = {"quiet": [], "publishing": []}
         turn = args.seconds / args.rounds
         for _ in range(args.rounds):
             runs["quiet"].append(run_load("open", url, users, args.rate, turn))
-            with publisher:
-                runs["publishing"].append(run_load("open", url, users, args.rate, turn))
+            # The job side, on the same kind of thread the replicas reload on.
+            publisher = BackgroundRefresh(lambda: published.append(store.republish("trending")), args.every, "publisher")
+            publisher.start()
+            runs["publishing"].append(run_load("open", url, users, args.rate, turn))
+            publisher.stop()
 
     quiet, publishing = pooled(runs["quiet"]), pooled(runs["publishing"])
     for name, r in (("quiet", quiet), ("publishing", publishing)):
         print(f"{name:>10} @ {args.rate:.0f} req/s: p50 {r['p50_ms']:.1f} ms  p95 {r['p95_ms']:.1f} ms  p99 {r['p99_ms']:.1f} ms  "
               f"ok {r['ok']}/{r['sent']}  errors {r['errors']}  CPU {r['cpu_ms_per_request']:.1f} ms/request")
-    print(f"{publisher.published} publishes, one every {args.every:g} s while publishing")
+    print(f"{len(published)} publishes, one every {args.every:g} s while publishing")
     print(json.dumps({
         "rate_rps": args.rate,
         "publish_every_s": args.every,
-        "publishes": publisher.published,
+        "publishes": len(published),
         **{f"{q}_ms_{phase}": round(r[f"{q}_ms"], 2) for phase, r in (("quiet", quiet), ("publishing", publishing)) for q in ("p50", "p95", "p99")},
         "p95_ratio_publishing_vs_quiet": round(publishing["p95_ms"] / quiet["p95_ms"], 3),
         "p99_ratio_publishing_vs_quiet": round(publishing["p99_ms"] / quiet["p99_ms"], 3),

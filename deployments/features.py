@@ -20,10 +20,9 @@ from app.features.reader import FeatureReader
 from app.features.store import LiveRead, RedisOnlineStore
 from app.keys import Keys
 from app.prefs import prefs_from_hash
-from app.refresh import BackgroundRefresh
 from app.recommend import UserFeatures, user_features_from_row
 from app.redis_server import connect
-from deployments.metrics import observe_latency, record_refresh_failure
+from deployments.metrics import keep_fresh, observe_latency
 from deployments.packed import Packed, pack
 
 
@@ -39,9 +38,7 @@ class FeatureFetcher:
             max_entries=settings.features.snapshot_entries,
             retry_s=settings.features.outage_retry_s,
         )
-        self.refresher = BackgroundRefresh(
-            self.reader.refresh, settings.serving.reload_interval_s, "FeatureFetcher", on_failure=record_refresh_failure
-        ).start()
+        self.refresher = keep_fresh(self.reader.refresh, settings.serving.reload_interval_s, "FeatureFetcher")
 
     @observe_latency("feature_fetch", "FeatureFetcher")
     async def fetch(self, user_ids: list[str]) -> Packed[list[UserFeatures]]:

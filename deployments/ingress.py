@@ -25,12 +25,11 @@ from app.events.body_limit import BodySizeLimit
 from app.events.http import client_hints
 from app.experiments.serving import ExperimentRouter
 from app.redis_server import connect
-from app.refresh import BackgroundRefresh
 from app.schemas import IngestResponse, RecommendationResponse
 from app.trending.query import trending_query_errors
 from app.flags import disabled_detail, with_flags
 from deployments.gateway import ingest_events
-from deployments.metrics import RequestMetrics, record_refresh_failure, record_refused
+from deployments.metrics import RequestMetrics, keep_fresh, record_refused
 from deployments.pipeline import RecommendationPipeline, RecommendationRequest
 from deployments.runtime import REPLICA_ENV
 from deployments.web import WebServices, mount_web
@@ -85,10 +84,7 @@ class ApiIngress:
         self.web = WebServices(connect(s), s, self.guard)
         # Experiment definitions are re-read on a background thread, never inside a request.
         self.experiments = ExperimentRouter.from_settings(connect(s), s, refresh_interval_s=float("inf"))
-        self.experiments.cache.refresh()
-        self.refresher = BackgroundRefresh(
-            self.experiments.cache.refresh, s.experiments.refresh_interval_s, "experiments", on_failure=record_refresh_failure
-        ).start()
+        self.refresher = keep_fresh(self.experiments.cache.refresh, s.experiments.refresh_interval_s, "experiments")
         self._exposure_tasks: set[asyncio.Task] = set()  # strong refs until each append is done
         self.batcher = NaturalBatcher(self.pipeline.run, s.serving.request_batch_size, s.serving.request_batches_in_flight)
 

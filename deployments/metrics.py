@@ -85,6 +85,18 @@ def record_refresh_failure(name: str) -> None:
     metric("refresh_failures").inc(1, {"refresh": name})
 
 
+def keep_fresh(refresh: Callable[[], object], interval_s: float, name: str):
+    """What a replica calls in `__init__`: `refresh` now (so the first request finds it
+    loaded), then every `interval_s` on a BackgroundRefresh whose failures are counted in
+    `refresh_failures`. Returns the started BackgroundRefresh."""
+    from app.refresh import BackgroundRefresh
+
+    refresh()
+    refresher = BackgroundRefresh(refresh, interval_s, name, on_failure=record_refresh_failure)
+    refresher.start()
+    return refresher
+
+
 def record_batch(size: int) -> None:
     metric("batch_size").observe(size)
 

@@ -13,8 +13,7 @@ import logging
 from app.artifacts import ArtifactStore
 from app.config import ServingSettings, Settings
 from app.models import ModelCache
-from app.refresh import BackgroundRefresh
-from deployments.metrics import record_refresh_failure
+from deployments.metrics import keep_fresh
 
 log = logging.getLogger("ray.serve")
 
@@ -46,10 +45,7 @@ class ModelServing(Tunable):
     def __init__(self, settings: Settings):
         super().__init__(settings)
         self.models = ModelCache(ArtifactStore(settings.paths.artifacts_dir), interval_s=float("inf"))
-        self.refresh()
-        self.refresher = BackgroundRefresh(
-            self.refresh, settings.serving.reload_interval_s, type(self).__name__, on_failure=record_refresh_failure
-        ).start()
+        self.refresher = keep_fresh(self.refresh, settings.serving.reload_interval_s, type(self).__name__)
 
     def refresh(self) -> None:
         self.models.refresh()

@@ -400,11 +400,6 @@ class FeatureStoreSettings(Strict):
     """Rows per pipelined write."""
     snapshot_entries: int = Field(10_000, ge=0)
     """Entities each serving replica remembers for degraded mode (Redis unreachable)."""
-    client_cache_entries: int = Field(30_000, ge=0)
-    """Replies (a user's feature row, recent plays, preferences: three per user) each
-    FeatureFetcher replica keeps while Redis tracks their keys for it and answers from memory
-    until Redis reports a change (app/redis_tracking.py); 0 reads Redis on every request.
-    A single Redis only: a cluster reads every time."""
     outage_retry_s: float = Field(1.0, gt=0)
     """After a failed online read, serving replicas answer from their snapshot for this long
     before trying Redis again: a hung Redis then costs one socket timeout per interval, not

@@ -1,9 +1,6 @@
 """FeatureFetcher: everything serving needs about a batch of users in one Redis round trip: the
 materialised profile, the plays the event consumer recorded since training (for the fold-in)
-and the listener's content preferences. Replies Redis reports unchanged since this replica
-read them are answered from memory (app/redis_tracking.py, features.client_cache_entries):
-a batch whose keys are all cached costs no round trip, and any write to one of them (a play,
-a hidden track) is read again by the next request.
+and the listener's content preferences.
 
 When Redis is unreachable it answers from its bounded local snapshot, flagged stale, so the
 request degrades instead of failing; `check_health` still reports the outage to Serve.
@@ -25,8 +22,7 @@ from app.keys import Keys
 from app.prefs import prefs_from_hash
 from app.recommend import UserFeatures, user_features_from_row
 from app.redis_server import connect
-from app.redis_tracking import tracked_reads
-from deployments.metrics import keep_fresh, observe_latency, record_cache_reads
+from deployments.metrics import keep_fresh, observe_latency
 from deployments.packed import Packed, pack
 
 
@@ -37,23 +33,12 @@ class FeatureFetcher:
         self.keys = Keys(settings.redis.key_prefix)
         self.client = connect(settings)
         self.reader = FeatureReader(
-            RedisOnlineStore(self.client, self.keys, cache=tracked_reads(self.client, settings.features.client_cache_entries)),
+            RedisOnlineStore(self.client, self.keys),
             refresh_s=float("inf"),  # the alias is re-read by the background thread below
             max_entries=settings.features.snapshot_entries,
             retry_s=settings.features.outage_retry_s,
         )
-        self._counted = (0, 0)  # the cache's (hits, misses) as last exported
-        self.refresher = keep_fresh(self.refresh, settings.serving.reload_interval_s, "FeatureFetcher")
-
-    def refresh(self) -> None:
-        """The feature alias, and the cache's hit and miss counts since the last refresh
-        exported as metrics (here, not per request)."""
-        self.reader.refresh()
-        cache = self.reader.store.cache
-        if cache is not None:
-            hits, misses = cache.hits, cache.misses
-            record_cache_reads(hits - self._counted[0], misses - self._counted[1])
-            self._counted = (hits, misses)
+        self.refresher = keep_fresh(self.reader.refresh, settings.serving.reload_interval_s, "FeatureFetcher")
 
     @observe_latency("feature_fetch", "FeatureFetcher")
     async def fetch(self, user_ids: list[str]) -> Packed[list[UserFeatures]]:

@@ -60,11 +60,6 @@ def _metrics() -> dict:
             "echotune_feature_fetch_latency_ms", "Time to fetch a user's features (one Redis round trip, or the snapshot).",
             boundaries=LATENCY_MS_BOUNDARIES, tag_keys=("deployment",),
         ),
-        "feature_cache_reads": Counter(
-            "echotune_feature_cache_reads_total",
-            "FeatureFetcher reads answered from its tracked cache (hit) or from Redis (miss).",
-            tag_keys=("outcome",),
-        ),
         "batch_size": Histogram(
             "echotune_recommendation_batch_size", "Recommendation requests travelling the DAG as one batch.",
             boundaries=[1, 2, 4, 8, 16, 32, 64, 128],
@@ -100,12 +95,6 @@ def keep_fresh(refresh: Callable[[], object], interval_s: float, name: str):
     refresher = BackgroundRefresh(refresh, interval_s, name, on_failure=record_refresh_failure)
     refresher.start()
     return refresher
-
-
-def record_cache_reads(hits: int, misses: int) -> None:
-    for outcome, n in (("hit", hits), ("miss", misses)):
-        if n:
-            metric("feature_cache_reads").inc(n, {"outcome": outcome})
 
 
 def record_batch(size: int) -> None:

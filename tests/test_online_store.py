@@ -10,7 +10,6 @@ from app.features.registry import load_registry
 from app.features.store import InMemoryOnlineStore, LiveRead, Published, RedisOnlineStore
 from app.config import PROJECT_ROOT
 from app.keys import Keys
-from app.redis_tracking import tracked_reads
 
 REGISTRY = load_registry(PROJECT_ROOT / "feature_repo")
 USER = REGISTRY["user_profile"]
@@ -25,13 +24,11 @@ class FakeClock:
         return self.now
 
 
-@pytest.fixture(params=["redis", "redis-tracked", "memory"])
+@pytest.fixture(params=["redis", "memory"])
 def store(request):
-    if request.param == "memory":
-        return InMemoryOnlineStore()
-    client = request.getfixturevalue("redis_client")
-    # redis-tracked: entity and live reads answered from memory while Redis tracks their keys
-    return RedisOnlineStore(client, Keys("test"), cache=tracked_reads(client, 100) if request.param == "redis-tracked" else None)
+    if request.param == "redis":
+        return RedisOnlineStore(request.getfixturevalue("redis_client"), Keys("test"))
+    return InMemoryOnlineStore()
 
 
 def test_roundtrip_vectors_lists_and_scalars(store):
@@ -70,19 +67,6 @@ def test_rewriting_a_row_replaces_it(store):
     store.write("v1", USER, [("u1", {"n_plays": 2})])
     (row,) = store.read("v1", [(USER, "u1")]).rows
     assert row == {"n_plays": 2}
-
-
-def test_a_row_or_live_list_changed_after_a_read_is_read_anew(store, redis_client):
-    live = [LiveRead("list", "test:recent:u1", 5)]
-    store.write("v1", USER, [("u1", {"n_plays": 1})])
-    assert store.read("v1", [(USER, "u1")], live=live).rows == [{"n_plays": 1}]
-    store.write("v1", USER, [("u1", {"n_plays": 2})])
-    if isinstance(store, InMemoryOnlineStore):
-        store.set_live("test:recent:u1", ["t1"])
-    else:
-        redis_client.lpush("test:recent:u1", "t1")  # a play, recorded by another client
-    read = store.read("v1", [(USER, "u1")], live=live)
-    assert (read.rows, read.live) == ([{"n_plays": 2}], [["t1"]])
 
 
 def test_live_lists_and_hashes_come_back_in_the_same_read(store, redis_client):

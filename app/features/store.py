@@ -20,7 +20,6 @@ import redis
 
 from app.features.registry import FeatureView, Registry
 from app.keys import Keys
-from app.redis_tracking import TrackedReads
 from app.redis_wire import as_dict, as_scored, pack, pack_each, raw_replies, supports_raw
 
 log = logging.getLogger(__name__)
@@ -106,15 +105,12 @@ class OnlineStore(ABC):
 
 
 class RedisOnlineStore(OnlineStore):
-    def __init__(self, client: redis.Redis, keys: Keys, write_batch: int = 500, cache: TrackedReads | None = None):
+    def __init__(self, client: redis.Redis, keys: Keys, write_batch: int = 500):
         self.client = client
         self.keys = keys
         self.write_batch = write_batch
         self._raw = supports_raw(client)
         """Reads skip redis-py's per-command pipeline work on a single server (app/redis_wire.py)."""
-        self.cache = cache if self._raw else None
-        """Entity and live reads answered from memory while Redis reports their keys unchanged
-        (app/redis_tracking.py); ranked lists are always read."""
 
     def write(self, namespace, view, rows) -> int:
         pipe = self.client.pipeline(transaction=False)
@@ -174,20 +170,14 @@ class RedisOnlineStore(OnlineStore):
 
     def _read_raw(self, hashes, ranking_keys, live) -> list:
         """The same reads through app/redis_wire.py, shaped as the pipeline's callbacks would."""
-        hash_keys = [key.encode() for key in hashes]
-        ranked = [pack(b"ZREVRANGE", key.encode(), b"0", b"%d" % (n - 1), b"WITHSCORES") for key, n in ranking_keys]
-        live_keys = [item.key.encode() for item in live]
-        live_reads = [
-            pack(b"LRANGE", key, b"0", b"%d" % (item.n - 1)) if item.kind == "list" else pack(b"HGETALL", key)
-            for key, item in zip(live_keys, live)
+        commands = pack_each(b"HGETALL", [key.encode() for key in hashes])
+        commands += [pack(b"ZREVRANGE", key.encode(), b"0", b"%d" % (n - 1), b"WITHSCORES") for key, n in ranking_keys]
+        commands += [
+            pack(b"LRANGE", item.key.encode(), b"0", b"%d" % (item.n - 1)) if item.kind == "list" else pack(b"HGETALL", item.key.encode())
+            for item in live
         ]
+        replies = raw_replies(self.client, commands)
         n_hashes, n_ranked = len(hashes), len(ranking_keys)
-        if self.cache is None:
-            replies = raw_replies(self.client, pack_each(b"HGETALL", hash_keys) + ranked + live_reads)
-        else:
-            keyed = [*zip(hash_keys, pack_each(b"HGETALL", hash_keys)), *zip(live_keys, live_reads)]
-            cached = self.cache.replies(keyed)
-            replies = cached[:n_hashes] + (raw_replies(self.client, ranked) if ranked else []) + cached[n_hashes:]
         out = [as_dict(r) for r in replies[:n_hashes]]
         out += [as_scored(r) for r in replies[n_hashes : n_hashes + n_ranked]]
         out += [r if item.kind == "list" else as_dict(r) for item, r in zip(live, replies[n_hashes + n_ranked :])]

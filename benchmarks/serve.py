@@ -12,7 +12,8 @@ turns (--rounds, latencies pooled per chain), then at saturation:
 closed-loop workers at rising concurrency (32, 64, 128), each chain's saturation throughput
 being its best level (a chain that batches needs more requests in flight to fill its batches;
 the unbatched chain is flat across the levels). Every request asks for k=20 with
-serving.candidates set so the blend sees at least 500 candidates.
+serving.candidates set so the blend sees at least 500 candidates. The p95 ratio at 50 req/s
+comes with a 95% interval (`ratio_interval`).
 """
 
 from __future__ import annotations
@@ -168,7 +169,8 @@ def ratio_interval(ours: list[float], bare: list[float], q: float = 95, block: i
     of each chain's latencies. Requests close in time share the machine's state (a burst of
     another tenant, a background flush), so they are resampled in runs of `block`
     consecutive requests (1 s at 50 req/s); resampling them one by one would understate how
-    much the percentile moves from run to run."""
+    much the percentile moves. It is the noise within one run: a machine whose other tenants
+    change between runs moves the ratio by more (README, Benchmarks)."""
     rng = np.random.default_rng(0)
 
     def percentiles(latencies: list[float]) -> np.ndarray:

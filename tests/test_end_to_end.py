@@ -4,7 +4,6 @@ three Ray Data jobs in parallel -> artifacts -> Redis feature store -> Serve DAG
 from __future__ import annotations
 
 import os
-import time
 import uuid
 from collections import Counter
 
@@ -245,12 +244,10 @@ def test_ranking_knobs_change_without_restarting_replicas(system):
         assert all(max_per_artist(u) == 1 for u in users)
         assert replicas() == before  # same replicas, reconfigured in place
         deploy({"artist_cap": 0}, wait=False)  # invalid: reconfigure refuses it, loudly
-        deadline, status = time.monotonic() + 60, None
-        while time.monotonic() < deadline:
+        for _ in range(20_000):  # until the controller settles on an outcome (a bounded wait, no clock)
             status = serve.status().applications["tuned"]
             if status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
                 break
-            time.sleep(0.5)
         assert status.status in ("DEPLOY_FAILED", "UNHEALTHY"), status.status
         reranker = status.deployments["Reranker"]
         assert "artist_cap" in (reranker.message + status.message)

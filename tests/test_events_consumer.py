@@ -153,16 +153,19 @@ def test_consumer_killed_mid_batch_its_entries_are_claimed_and_counted_once(ray_
     doomed = ConsumerActor.remote(settings, "doomed", _hanging_stage)
     ray.get(doomed.__ray_ready__.remote())  # its group exists
     doomed.poll.remote()  # reads 25 entries, then hangs applying them
-    for _ in range(1200):  # polls until it has read, giving up after about a minute
+    for _ in range(1_000_000):  # until it has read its batch (bounded, no clock)
         if redis_client.xpending(STREAM, GROUP)["pending"] >= 25:
             break
-        time.sleep(0.05)
     else:
         pytest.fail("the doomed consumer never read its batch")
     ray.kill(doomed)
 
     survivor = ConsumerActor.remote(settings, "survivor")
-    time.sleep(0.4)  # let the dead consumer's entries become idle past claim_idle_ms
+    # Until the dead consumer's entries have been idle past claim_idle_ms, as Redis counts it.
+    for _ in range(1_000_000):
+        idle = [e["time_since_delivered"] for e in redis_client.xpending_range(STREAM, GROUP, "-", "+", 100)]
+        if min(idle) > settings.consumer.claim_idle_ms:
+            break
     stats = ray.get(survivor.drain.remote(idle_polls=3, block_ms=100))
     stats_again = ray.get(survivor.drain.remote(idle_polls=2, block_ms=100))
     assert stats["claimed"] >= 25 and stats["dead_lettered"] == 0

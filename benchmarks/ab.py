@@ -18,17 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from deployments.runtime import apply_cluster_env, serve_logging_config, wait_http  # no Ray import: safe before the env is set
+from deployments.runtime import serve_logging_config, wait_http  # no Ray import: safe before the env is set
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve import bare_chain_app, local_system, prepare, ratio_interval, run_load  # noqa: E402  benchmarks/serve.py
+from serve import bare_chain_app, load_test_env, local_system, prepare, ratio_interval, run_load  # noqa: E402  benchmarks/serve.py
 
 QUANTILES = (10, 50, 75, 90, 95, 99)
 
@@ -50,9 +49,7 @@ def main() -> None:
     parser.add_argument("--state", type=Path, default=Path(tempfile.gettempdir()) / "echotune-bench-serve")
     args = parser.parse_args()
     overrides = json.loads(args.b)
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_worker_niceness", "0")  # as serve.py: the generator must not outcompete the system
-    apply_cluster_env(os.environ, own_side_ports=True)
+    load_test_env()  # before Ray Serve is imported
 
     import pandas as pd
     from ray import serve

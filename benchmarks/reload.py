@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
 
-from deployments.runtime import apply_cluster_env, serve_logging_config, wait_http  # no Ray import: safe before the env is set
+from deployments.runtime import serve_logging_config, wait_http  # no Ray import: safe before the env is set
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve import local_system, pooled, prepare, run_load  # noqa: E402  benchmarks/serve.py
+from serve import load_test_env, local_system, pooled, prepare, run_load  # noqa: E402  benchmarks/serve.py
 
 
 def main() -> None:
@@ -36,9 +35,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=50.0, help="Requests per second (open loop).")
     parser.add_argument("--state", type=Path, default=Path(tempfile.gettempdir()) / "echotune-bench-serve")
     args = parser.parse_args()
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_worker_niceness", "0")  # as benchmarks/serve.py: the generator must not outcompete the system
-    apply_cluster_env(os.environ, own_side_ports=True)
+    load_test_env()  # before Ray Serve is imported
 
     import pandas as pd
     from ray import serve

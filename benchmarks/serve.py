@@ -217,6 +217,17 @@ def bare_chain_app():
 
 
 # ---------------------------------------------------------------------------------- set-up
+def load_test_env() -> None:
+    """The environment of a local cluster under a load generator; call it before Ray Serve is
+    imported. Ray starts workers at nice 15 and the load generator runs at nice 0: on a shared
+    machine the generator would then outcompete the system under test, so workers run at 0.
+    Otherwise as deployed (`apply_cluster_env`: Serve's high-throughput mode behind HAProxy, the
+    malloc arena cap), on side ports of its own."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    apply_cluster_env(os.environ, own_side_ports=True)
+
+
 def settings_args(state: Path, redis_url: str, world: dict) -> dict:
     return {
         "redis": {"url": redis_url, "key_prefix": "bench"},
@@ -307,12 +318,7 @@ def main() -> None:
     parser.add_argument("--workers", default="32,64,128", help="Closed-loop concurrency levels for saturation.")
     parser.add_argument("--state", type=Path, default=Path(tempfile.gettempdir()) / "echotune-bench-serve")
     args = parser.parse_args()
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    # Ray starts workers at nice 15 and the load generator runs at nice 0: on a shared machine
-    # the generator would then outcompete the system under test.
-    os.environ.setdefault("RAY_worker_niceness", "0")
-    # As deployed: Serve's high-throughput mode behind HAProxy, the malloc arena cap.
-    apply_cluster_env(os.environ, own_side_ports=True)
+    load_test_env()
 
     import pandas as pd
     from ray import serve

@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from deployments.runtime import apply_cluster_env, serve_logging_config, wait_http  # noqa: E402
-from benchmarks.serve import local_system, prepare  # noqa: E402
+from deployments.runtime import serve_logging_config, wait_http  # noqa: E402
+from benchmarks.serve import load_test_env, local_system, prepare  # noqa: E402
 
 WARMUP_S = 60.0
 SAMPLE_EVERY_S = 15.0
@@ -196,9 +196,7 @@ def main() -> None:
                              "soak outlasts the window: a short one shows that inside a 10-minute run.")
     parser.add_argument("--state", type=Path, default=Path(tempfile.gettempdir()) / "echotune-soak")
     args = parser.parse_args()
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_worker_niceness", "0")  # compete fairly with the load generators
-    apply_cluster_env(os.environ, own_side_ports=True)  # as deployed; before Ray Serve is imported
+    load_test_env()  # before Ray Serve is imported
 
     import pandas as pd
     import ray

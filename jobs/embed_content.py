@@ -18,6 +18,7 @@ dead-lettered too. The summary, logged and printed last, counts both.
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,11 +35,14 @@ FAILED_COLUMNS = ["track_id", "audio_path", "stage", "reason", "error"]
 
 
 class AudioFeatureExtractor:
-    """Ray Data callable class: numba compiles (or loads) librosa's kernels once per actor."""
+    """Ray Data callable class: numba compiles (or loads) librosa's kernels once per actor, one
+    actor of a machine at a time (`compile_audio_kernels`: concurrent compiles can corrupt
+    numba's cache)."""
 
     def __init__(self, sample_rate: int, max_seconds: float):
-        from training.content import analyse_tracks
+        from training.content import analyse_tracks, compile_audio_kernels
 
+        compile_audio_kernels(sample_rate, Path(tempfile.gettempdir()) / "echotune-audio-kernels.lock")
         self.analyse = analyse_tracks
         self.sample_rate = sample_rate
         self.max_seconds = max_seconds

@@ -396,6 +396,28 @@ def audio_features(y: np.ndarray, sr: int) -> np.ndarray:
     return features
 
 
+def compile_audio_kernels(sr: int, lock_path: Path) -> None:
+    """Compile (or load from numba's cache) the librosa kernels `audio_features` runs, one
+    process of the machine at a time, holding an exclusive lock on `lock_path`.
+
+    Why: numba caches a `guvectorize` kernel (librosa's beat tracker and local maxima) as two
+    files written one after the other (numba/numba#10128). Two processes compiling it at once,
+    as the actors of a fresh pool do, can leave one process's kernel beside the other's wrapper,
+    and from then on every process that loads the pair segfaults (librosa/librosa#1998), a
+    crash Ray retries for ever. Here two fresh pools out of three left such a pair. Under the
+    lock the first process compiles and writes both files, and the others load them whole.
+    """
+    import fcntl
+
+    # Three seconds of clicks in noise: enough frames for onsets, beats and every kernel's path.
+    y = (0.1 * np.random.default_rng(0).standard_normal(3 * sr)).astype(np.float32)
+    y[:: sr // 2] += 0.9
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also on an exception
+        audio_features(y, sr)
+
+
 class TrackAudioError(ValueError):
     """Why one track's audio could not be analysed; `reason` is a short code the job counts
     (missing_file, empty_audio, undecodable, silent, no_audio_path, bad_audio)."""

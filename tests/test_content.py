@@ -263,23 +263,21 @@ def test_fast_spectral_features_keep_librosas_definitions():
 def test_concurrent_first_compiles_leave_a_cache_every_process_can_load(tmp_path):
     """A fresh pool's actors all compile librosa's kernels at once. Without the lock in
     compile_audio_kernels, two of three such pairs here left numba's cache with a mixed
-    guvectorize pair, and every process loading it afterwards segfaulted (exit -11)."""
+    guvectorize pair, and a process loading it (the second of the pair, or any later one)
+    segfaulted (exit -11)."""
     import os
     import subprocess
     import sys
 
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}  # a cache nobody has written yet
-    warm = (
-        "import sys; from pathlib import Path; from training.content import compile_audio_kernels; "
-        f"compile_audio_kernels({SR}, Path(sys.argv[1]))"
+    script = (
+        "import sys; from pathlib import Path; import numpy as np; "
+        "from training.content import audio_features, compile_audio_kernels; "
+        f"compile_audio_kernels({SR}, Path(sys.argv[1])); print(audio_features(np.full({SR}, 0.1, np.float32), {SR}).shape)"
     )
     lock = str(tmp_path / "kernels.lock")
-    first, second = (subprocess.Popen([sys.executable, "-c", warm, lock], env=env, stderr=subprocess.PIPE) for _ in range(2))
-    for p in (first, second):
-        _, err = p.communicate()
+    pair = [subprocess.Popen([sys.executable, "-c", script, lock], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    for p in pair:
+        out, err = p.communicate()
         assert p.returncode == 0, err.decode()[-2000:]
-    # A later process loads what the two wrote and analyses the same clip.
-    check = warm + f"; import numpy as np; from training.content import audio_features; print(audio_features(np.full({SR}, 0.1, np.float32), {SR}).shape)"
-    loaded = subprocess.run([sys.executable, "-c", check, lock], env=env, capture_output=True, text=True)
-    assert loaded.returncode == 0, loaded.stderr[-2000:]
-    assert loaded.stdout.strip() == f"({len(AUDIO_FEATURE_NAMES)},)"
+        assert out.decode().strip() == f"({len(AUDIO_FEATURE_NAMES)},)"

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from app.batching import NaturalBatcher
+from app.batching import LatencyLimit, NaturalBatcher
 from app.config import Settings
 from app.events.auth import api_key_dependency, build_guard
 from app.events.body_limit import BodySizeLimit
@@ -86,7 +86,9 @@ class ApiIngress:
         self.experiments = ExperimentRouter.from_settings(connect(s), s, refresh_interval_s=float("inf"))
         self.refresher = keep_fresh(self.experiments.cache.refresh, s.experiments.refresh_interval_s, "experiments")
         self._exposure_tasks: set[asyncio.Task] = set()  # strong refs until each append is done
-        self.batcher = NaturalBatcher(self.pipeline.run, s.serving.request_batch_size, s.serving.request_batches_in_flight)
+        sv = s.serving
+        limit = None if sv.request_latency_tolerance is None else LatencyLimit(sv.request_batches_in_flight, sv.request_latency_tolerance)
+        self.batcher = NaturalBatcher(self.pipeline.run, sv.request_batch_size, sv.request_batches_in_flight, limit)
 
     @api.get("/healthz", tags=["ops"])
     async def healthz(self) -> dict:

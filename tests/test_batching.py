@@ -5,7 +5,7 @@ import asyncio
 
 import pytest
 
-from app.batching import NaturalBatcher
+from app.batching import LatencyLimit, NaturalBatcher
 
 
 class Recorder:
@@ -105,3 +105,89 @@ def test_a_caller_that_gave_up_is_skipped_and_the_rest_are_answered():
     answers, batches = asyncio.run(scenario())
     assert answers == [0, 10, 30]
     assert batches == [[0], [1, 3]]
+
+
+def test_latency_limit_closes_slots_when_batches_slow_down_and_reopens_them():
+    limit = LatencyLimit(ceiling=3, tolerance=2.0, window=100, smoothing=1.0)
+    for _ in range(5):
+        limit.observe(0.010)  # the floor: 10 ms
+    assert limit.limit == 3
+    limit.observe(0.030)  # three times the floor: the cores are full
+    limit.observe(0.030)
+    assert limit.limit == 1
+    limit.observe(0.030)
+    assert limit.limit == 1  # never below one
+    limit.observe(0.012)  # back within twice the floor
+    assert limit.limit == 2
+    limit.observe(0.012)
+    limit.observe(0.012)
+    assert limit.limit == 3  # never above the ceiling
+
+
+def test_latency_limit_floor_is_the_minimum_of_its_window():
+    """A machine that got slower for good raises the floor once its fast batches leave the
+    window, and the slots open again."""
+    limit = LatencyLimit(ceiling=3, tolerance=2.0, window=4, smoothing=1.0)
+    limit.observe(0.010)
+    for _ in range(3):
+        limit.observe(0.030)
+    assert limit.limit == 1
+    limit.observe(0.030)  # the 10 ms batch has left the window: the floor is 30 ms
+    assert limit.limit == 2
+    with pytest.raises(ValueError):
+        LatencyLimit(ceiling=0, tolerance=2.0)
+    with pytest.raises(ValueError):
+        LatencyLimit(ceiling=3, tolerance=0.5)
+
+
+def test_a_slow_machine_sends_arrivals_in_the_next_batch_instead_of_alone():
+    """Once the batches run slow, a request arriving while a batch is out waits and leaves with
+    the others; while they run near their floor it goes at once, beside the batch out."""
+
+    class Clock:
+        now = 0.0
+
+        def __call__(self):
+            return self.now
+
+    class Stages(Recorder):
+        """A DAG whose batches take `seconds` on the clock."""
+
+        def __init__(self, clock):
+            super().__init__()
+            self.clock, self.seconds = clock, 0.010
+
+        async def __call__(self, items):
+            answers = await super().__call__(items)
+            self.clock.now += self.seconds
+            return answers
+
+    async def arrivals(batcher, stages, ids):
+        """The first id goes out; the rest arrive while its batch is still in the DAG."""
+        stages.release.clear()
+        out = [asyncio.ensure_future(batcher.submit(i)) for i in ids]
+        await asyncio.sleep(0)
+        stages.release.set()
+        return await asyncio.gather(*out)
+
+    async def scenario():
+        clock = Clock()
+        stages = Stages(clock)
+        stages.release.set()
+        batcher = NaturalBatcher(stages, max_batch_size=8, max_in_flight=3, limit=LatencyLimit(3, 2.0, smoothing=1.0), clock=clock)
+        for i in range(3):
+            await batcher.submit(i)  # 10 ms each: the floor
+        fast = len(stages.batches)
+        assert await arrivals(batcher, stages, [10, 11, 12]) == [100, 110, 120]
+        fast_batches = stages.batches[fast:]
+        stages.seconds = 0.050  # five times the floor: the cores are full
+        for i in range(2):
+            await batcher.submit(i)
+        assert batcher.limit.limit == 1
+        slow = len(stages.batches)
+        assert await arrivals(batcher, stages, [20, 21, 22]) == [200, 210, 220]
+        return fast_batches, stages.batches[slow:]
+
+    fast, slow = asyncio.run(scenario())
+    assert fast == [[10], [11], [12]]  # each went at once
+    assert slow == [[20], [21, 22]]  # the later two waited and went together

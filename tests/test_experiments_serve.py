@@ -62,7 +62,7 @@ def _variants(api, users):
     return out
 
 
-def test_critical_breach_rolls_back_and_serving_stops_assigning_within_seconds(served, tmp_path):
+def test_critical_breach_rolls_back_and_serving_stops_assigning_the_variant(served, tmp_path):
     from jobs.evaluate_experiment import evaluate_experiment
 
     settings, registry, api = served

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from app.config import settings_from_args
+from tests.waiting import poll
 
 pytestmark = [pytest.mark.ray, pytest.mark.e2e]
 
@@ -244,10 +245,8 @@ def test_ranking_knobs_change_without_restarting_replicas(system):
         assert all(max_per_artist(u) == 1 for u in users)
         assert replicas() == before  # same replicas, reconfigured in place
         deploy({"artist_cap": 0}, wait=False)  # invalid: reconfigure refuses it, loudly
-        for _ in range(20_000):  # until the controller settles on an outcome (a bounded wait, no clock)
-            status = serve.status().applications["tuned"]
-            if status.status in ("DEPLOY_FAILED", "UNHEALTHY"):
-                break
+        # Until the controller settles on an outcome.
+        status = poll(lambda: serve.status().applications["tuned"], lambda s: s.status in ("DEPLOY_FAILED", "UNHEALTHY"), 20_000)
         assert status.status in ("DEPLOY_FAILED", "UNHEALTHY"), status.status
         reranker = status.deployments["Reranker"]
         assert "artist_cap" in (reranker.message + status.message)

@@ -7,6 +7,7 @@ from app.config import GatewaySettings
 from app.events.dead_letter import DeadLetterQueue
 from app.events.stream import EventStream
 from app.events.validation import EventValidationError, parse_events
+from tests.waiting import poll
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=timezone.utc)
 
@@ -114,15 +115,11 @@ def test_dedup_remembers_an_id_for_its_window_in_a_few_expiring_buckets(redis_cl
         stream.append(pending(parse_events({"events": [event() for _ in range(50)]}, GatewaySettings(), NOW)))
         assert stream.append(pending([a]))[0].status is AppendStatus.duplicate
         started = redis_bucket()
-        for _ in range(1_000_000):  # the next appends land in the next bucket
-            if redis_bucket() != started:
-                break
+        poll(redis_bucket, lambda b: b != started, 1_000_000)  # the next appends land in the next bucket
     buckets = redis_client.keys("dedup:*")
     assert 1 <= len(buckets) <= DEDUP_BUCKETS + 1
     assert all(0 < redis_client.pttl(b) <= 1000 + dedup_bucket_ms(1) for b in buckets)
-    for _ in range(1_000_000):  # until Redis has expired every bucket (KEYS drops expired keys)
-        if not redis_client.keys("dedup:*"):
-            break
+    poll(lambda: redis_client.keys("dedup:*"), lambda keys: not keys, 1_000_000)  # until Redis has expired every bucket (KEYS drops expired keys)
     assert redis_client.keys("dedup:*") == []
     assert stream.append(pending([a]))[0].status is AppendStatus.accepted
 

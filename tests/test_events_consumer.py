@@ -13,6 +13,7 @@ from app.config import ConsumerSettings, settings_from_args
 from app.events.consumer import OnlineUpdates, StreamConsumer, TransientError, backoff_delay
 from app.events.dead_letter import DeadLetterQueue
 from app.keys import Keys
+from tests.waiting import poll
 
 STREAM, DLQ, GROUP = "ev", "ev:dlq", "online-updates"
 
@@ -153,19 +154,14 @@ def test_consumer_killed_mid_batch_its_entries_are_claimed_and_counted_once(ray_
     doomed = ConsumerActor.remote(settings, "doomed", _hanging_stage)
     ray.get(doomed.__ray_ready__.remote())  # its group exists
     doomed.poll.remote()  # reads 25 entries, then hangs applying them
-    for _ in range(1_000_000):  # until it has read its batch (bounded, no clock)
-        if redis_client.xpending(STREAM, GROUP)["pending"] >= 25:
-            break
-    else:
+    if poll(lambda: redis_client.xpending(STREAM, GROUP)["pending"], lambda n: n >= 25, 1_000_000) < 25:
         pytest.fail("the doomed consumer never read its batch")
     ray.kill(doomed)
 
     survivor = ConsumerActor.remote(settings, "survivor")
     # Until the dead consumer's entries have been idle past claim_idle_ms, as Redis counts it.
-    for _ in range(1_000_000):
-        idle = [e["time_since_delivered"] for e in redis_client.xpending_range(STREAM, GROUP, "-", "+", 100)]
-        if min(idle) > settings.consumer.claim_idle_ms:
-            break
+    least_idle = lambda: min(e["time_since_delivered"] for e in redis_client.xpending_range(STREAM, GROUP, "-", "+", 100))  # noqa: E731
+    poll(least_idle, lambda ms: ms > settings.consumer.claim_idle_ms, 1_000_000)
     stats = ray.get(survivor.drain.remote(idle_polls=3, block_ms=100))
     stats_again = ray.get(survivor.drain.remote(idle_polls=2, block_ms=100))
     assert stats["claimed"] >= 25 and stats["dead_lettered"] == 0

@@ -20,6 +20,7 @@ from app.experiments.metrics import MetricsAccumulator, combine_exposures, expos
 from app.experiments.registry import ExperimentRegistry
 from app.experiments.simulate import Effect, EventSimulation, simulate_events
 from app.keys import Keys
+from tests.waiting import poll
 
 pytestmark = pytest.mark.ray
 
@@ -98,9 +99,7 @@ def test_critical_breach_rolls_back_and_serving_stops_assigning_the_variant(serv
     assert skip["treatment_value"] == pytest.approx(local.arm("treatment", "skips").sum() / local.arm("treatment", "plays").sum(), rel=1e-12)
 
     # The running app stops assigning the killed variant; control users stay in the experiment.
-    for _ in range(500):  # until the replicas' refresh has read the kill switch (bounded, no clock)
-        after = _variants(api, users)
-        if all(after[u] is None for u in users if before[u] == "treatment"):
-            break
+    # Until the replicas' refresh has read the kill switch.
+    after = poll(lambda: _variants(api, users), lambda a: all(a[u] is None for u in users if before[u] == "treatment"), 500)
     assert all(after[u] is None for u in users if before[u] == "treatment")
     assert all(after[u] == "control" for u in users if before[u] == "control")

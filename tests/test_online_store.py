@@ -10,6 +10,7 @@ from app.features.registry import load_registry
 from app.features.store import InMemoryOnlineStore, LiveRead, Published, RedisOnlineStore
 from app.config import PROJECT_ROOT
 from app.keys import Keys
+from tests.waiting import poll
 
 REGISTRY = load_registry(PROJECT_ROOT / "feature_repo")
 USER = REGISTRY["user_profile"]
@@ -107,9 +108,7 @@ def test_expired_namespace_disappears(store, redis_client):
     else:
         # Until Redis expires the namespace's keys (touching an expired key deletes it).
         keys = [Keys("test").feature_hash("old", USER.key, "u1"), Keys("test").ranking("old", "popular")]
-        for _ in range(1_000_000):
-            if not redis_client.exists(*keys):
-                break
+        poll(lambda: redis_client.exists(*keys), lambda n: n == 0, 1_000_000)
     read = store.read("old", [(USER, "u1")], rankings=[("popular", 5)])
     assert (read.rows, read.rankings) == ([None], [[]])
 

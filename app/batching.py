@@ -22,41 +22,50 @@ R = TypeVar("R")
 
 
 class LatencyLimit:
-    """How many batches may be in flight: `ceiling` while batches come back within `tolerance`
-    times the fastest batch of the last `window`, one fewer after each batch that leaves the
-    smoothed latency above that, one more after each that brings it back under.
+    """How many batches may be in flight, set as TCP Vegas sets its window: from how much of the
+    work in flight is waiting for a core rather than running.
+
+    A batch that took `seconds` against a floor (the fastest batch of the last `window`) while
+    `n` batches were out spent about `1 - floor/seconds` of its time waiting, and so did the
+    others: `n * (1 - floor/seconds)` batches' worth of work was queued. One slot closes after a
+    batch that leaves the smoothed queue above `threshold` batches, one reopens after a batch
+    that brings it under half of that; the limit stays within 1..`ceiling`.
 
     Why: a batch in flight beside others uses cores the machine may not have. With room to
     spare, a request that arrives while a batch is out should go at once (waiting for that
     batch would add its latency); on a machine whose cores the load already fills, it should
     wait and go with the next batch, which costs one round of Serve calls for many requests
-    instead of one per request. The latency says which machine this is: it stays near its
-    floor while the cores have room and climbs as they fill. On a 2-core machine about 2.5x
-    slower than usual, where 50 req/s filled the cores, one batch in flight instead of three
-    gave a p95 of 89 against 136 ms. The floor is a sliding minimum, so a machine that gets
+    instead of one per request. On a 2-core machine about 2.5x slower than usual, where 50
+    req/s filled the cores, one batch in flight instead of three gave a p95 of 89 against 136
+    ms. Scaling by `n` is what keeps the limit out of the way at low load: a batch out alone
+    can never count as more than one batch queued, however slow a spike makes it, and closing
+    slots would not have helped it. The floor is a sliding minimum, so a machine that gets
     slower for good raises it within `window` batches."""
 
-    def __init__(self, ceiling: int, tolerance: float, window: int = 1000, smoothing: float = 0.2):
-        if ceiling < 1 or tolerance < 1 or window < 1 or not 0 < smoothing <= 1:
-            raise ValueError("ceiling >= 1, tolerance >= 1, window >= 1 and 0 < smoothing <= 1 are required")
-        self.ceiling, self.tolerance, self.smoothing = ceiling, tolerance, smoothing
+    def __init__(self, ceiling: int, threshold: float = 1.0, window: int = 1000, smoothing: float = 0.2):
+        if ceiling < 1 or threshold <= 0 or window < 1 or not 0 < smoothing <= 1:
+            raise ValueError("ceiling >= 1, threshold > 0, window >= 1 and 0 < smoothing <= 1 are required")
+        self.ceiling, self.threshold, self.smoothing = ceiling, threshold, smoothing
         self.limit = ceiling
-        self.smoothed: float | None = None
+        self.queued: float | None = None
+        """Smoothed estimate of the batches' worth of in-flight work waiting for a core."""
         self._recent: deque[float] = deque(maxlen=window)
         self._floor: deque[float] = deque()  # increasing; its head is the minimum of _recent
 
-    def observe(self, seconds: float) -> None:
+    def observe(self, seconds: float, in_flight: int) -> None:
+        """A batch came back after `seconds`; `in_flight` batches were out when it left, itself included."""
         if len(self._recent) == self._recent.maxlen and self._floor[0] == self._recent[0]:
             self._floor.popleft()  # the oldest sample leaves the window
         self._recent.append(seconds)
         while self._floor and self._floor[-1] > seconds:
             self._floor.pop()
         self._floor.append(seconds)
+        queued = in_flight * (1 - self._floor[0] / seconds) if seconds > 0 else 0.0
         a = self.smoothing
-        self.smoothed = seconds if self.smoothed is None else (1 - a) * self.smoothed + a * seconds
-        if self.smoothed > self.tolerance * self._floor[0]:
+        self.queued = queued if self.queued is None else (1 - a) * self.queued + a * queued
+        if self.queued > self.threshold:
             self.limit = max(1, self.limit - 1)
-        else:
+        elif self.queued < self.threshold / 2:
             self.limit = min(self.ceiling, self.limit + 1)
 
 
@@ -99,9 +108,9 @@ class NaturalBatcher(Generic[T, R]):
     async def _timed(self, items: list[T]) -> list[R]:
         if self.limit is None:
             return await self._fn(items)
-        started = self._clock()
+        started, in_flight = self._clock(), self._in_flight
         results = await self._fn(items)
-        self.limit.observe(self._clock() - started)  # a failed batch says nothing of the load
+        self.limit.observe(self._clock() - started, in_flight)  # a failed batch says nothing of the load
         return results
 
     async def submit(self, item: T) -> R:

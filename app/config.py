@@ -371,15 +371,12 @@ class ServingSettings(Strict):
     once, under load batches grow with the backlog. Three kept 2 cores busier than two while a
     batch is between stages (same cluster, 64 closed-loop clients, three rounds: 571-604
     against 446-571 req/s); four made the batches smaller without filling the cores more."""
-    request_latency_tolerance: float | None = Field(None, ge=1.0)
-    """Fewer batches in flight (down to one) while the batches' smoothed latency is above this
-    many times its recent floor: the machine's cores are full, and requests that wait for the
-    next batch cost fewer calls than requests that go alone (app/batching.py LatencyLimit).
-    null (the default): always `request_batches_in_flight`. On a 2-core machine 2.5x slower
-    than usual, A/B of 2.0 against null on one cluster, 6 rounds of 10 s: at 50 req/s (the
-    cores full) p95 78 against 112 ms; at 20 req/s (room to spare) 42.3 against 39.8 ms
-    (interval of the ratio 0.88-1.01): a latency spike closes slots that were not short. So
-    it is for machines that run near their cores' limit."""
+    request_congestion_threshold: float | None = Field(None, gt=0)
+    """Fewer batches in flight (down to one) while the batches' latency says more than this many
+    batches' worth of the work in flight is waiting for a core, more again under half of it
+    (TCP Vegas's rule, app/batching.py LatencyLimit): requests that wait for the next batch
+    then cost fewer Serve calls than requests that go alone. null: always
+    `request_batches_in_flight`."""
 
     @model_validator(mode="after")
     def _known_sources(self) -> "ServingSettings":

@@ -107,42 +107,57 @@ def test_a_caller_that_gave_up_is_skipped_and_the_rest_are_answered():
     assert batches == [[0], [1, 3]]
 
 
-def test_latency_limit_closes_slots_when_batches_slow_down_and_reopens_them():
-    limit = LatencyLimit(ceiling=3, tolerance=2.0, window=100, smoothing=1.0)
+def test_latency_limit_closes_slots_while_batches_out_together_wait_and_reopens_them():
+    limit = LatencyLimit(ceiling=3, threshold=1.0, window=100, smoothing=1.0)
     for _ in range(5):
-        limit.observe(0.010)  # the floor: 10 ms
+        limit.observe(0.010, in_flight=1)  # the floor: 10 ms
     assert limit.limit == 3
-    limit.observe(0.030)  # three times the floor: the cores are full
-    limit.observe(0.030)
+    limit.observe(0.030, in_flight=3)  # three out, each 2/3 waiting: two batches' worth queued
+    limit.observe(0.030, in_flight=3)
     assert limit.limit == 1
-    limit.observe(0.030)
+    limit.observe(0.030, in_flight=3)
     assert limit.limit == 1  # never below one
-    limit.observe(0.012)  # back within twice the floor
+    limit.observe(0.025, in_flight=1)  # 0.6 of a batch queued: between half the threshold and it, hold
+    assert limit.limit == 1
+    limit.observe(0.012, in_flight=1)  # under half the threshold
     assert limit.limit == 2
-    limit.observe(0.012)
-    limit.observe(0.012)
+    limit.observe(0.012, in_flight=2)
+    limit.observe(0.012, in_flight=2)
     assert limit.limit == 3  # never above the ceiling
+
+
+def test_a_batch_out_alone_never_closes_a_slot_however_slow():
+    """At low load a latency spike (another tenant, a GC pause) hits a batch that is out alone:
+    closing slots would only make the next arrival wait for it."""
+    limit = LatencyLimit(ceiling=3, threshold=1.0, window=100, smoothing=1.0)
+    limit.observe(0.010, in_flight=1)
+    for seconds in (0.100, 1.0, 10.0):
+        limit.observe(seconds, in_flight=1)
+        assert limit.limit == 3
+    limit.observe(0.100, in_flight=2)  # two out, both mostly waiting: now it closes one
+    assert limit.limit == 2
 
 
 def test_latency_limit_floor_is_the_minimum_of_its_window():
     """A machine that got slower for good raises the floor once its fast batches leave the
     window, and the slots open again."""
-    limit = LatencyLimit(ceiling=3, tolerance=2.0, window=4, smoothing=1.0)
-    limit.observe(0.010)
+    limit = LatencyLimit(ceiling=3, threshold=1.0, window=4, smoothing=1.0)
+    limit.observe(0.010, in_flight=1)
     for _ in range(3):
-        limit.observe(0.030)
+        limit.observe(0.030, in_flight=3)
     assert limit.limit == 1
-    limit.observe(0.030)  # the 10 ms batch has left the window: the floor is 30 ms
+    limit.observe(0.030, in_flight=3)  # the 10 ms batch has left the window: the floor is 30 ms
     assert limit.limit == 2
     with pytest.raises(ValueError):
-        LatencyLimit(ceiling=0, tolerance=2.0)
+        LatencyLimit(ceiling=0)
     with pytest.raises(ValueError):
-        LatencyLimit(ceiling=3, tolerance=0.5)
+        LatencyLimit(ceiling=3, threshold=0)
 
 
-def test_a_slow_machine_sends_arrivals_in_the_next_batch_instead_of_alone():
-    """Once the batches run slow, a request arriving while a batch is out waits and leaves with
-    the others; while they run near their floor it goes at once, beside the batch out."""
+def test_a_full_machine_sends_arrivals_in_the_next_batch_instead_of_alone():
+    """Once batches out together wait for the cores, a request arriving while a batch is out
+    waits and leaves with the others; while the machine has room it goes at once, beside the
+    batch out."""
 
     class Clock:
         now = 0.0
@@ -151,15 +166,17 @@ def test_a_slow_machine_sends_arrivals_in_the_next_batch_instead_of_alone():
             return self.now
 
     class Stages(Recorder):
-        """A DAG whose batches take `seconds` on the clock."""
+        """A DAG whose batches take `seconds` of work on the clock: side by side while the
+        machine has room, one after another once its cores are `full`."""
 
         def __init__(self, clock):
             super().__init__()
-            self.clock, self.seconds = clock, 0.010
+            self.clock, self.seconds, self.full = clock, 0.010, False
 
         async def __call__(self, items):
+            started = self.clock.now
             answers = await super().__call__(items)
-            self.clock.now += self.seconds
+            self.clock.now = self.clock.now + self.seconds if self.full else max(self.clock.now, started + self.seconds)
             return answers
 
     async def arrivals(batcher, stages, ids):
@@ -174,20 +191,20 @@ def test_a_slow_machine_sends_arrivals_in_the_next_batch_instead_of_alone():
         clock = Clock()
         stages = Stages(clock)
         stages.release.set()
-        batcher = NaturalBatcher(stages, max_batch_size=8, max_in_flight=3, limit=LatencyLimit(3, 2.0, smoothing=1.0), clock=clock)
+        batcher = NaturalBatcher(stages, max_batch_size=8, max_in_flight=3, limit=LatencyLimit(3, 1.0, smoothing=1.0), clock=clock)
         for i in range(3):
             await batcher.submit(i)  # 10 ms each: the floor
-        fast = len(stages.batches)
+        start = len(stages.batches)
         assert await arrivals(batcher, stages, [10, 11, 12]) == [100, 110, 120]
-        fast_batches = stages.batches[fast:]
-        stages.seconds = 0.050  # five times the floor: the cores are full
-        for i in range(2):
-            await batcher.submit(i)
-        assert batcher.limit.limit == 1
-        slow = len(stages.batches)
+        room = stages.batches[start:]
+        assert batcher.limit.limit == 3
+        stages.full = True  # the three batches now share one core's worth
         assert await arrivals(batcher, stages, [20, 21, 22]) == [200, 210, 220]
-        return fast_batches, stages.batches[slow:]
+        assert batcher.limit.limit == 1
+        start = len(stages.batches)
+        assert await arrivals(batcher, stages, [30, 31, 32]) == [300, 310, 320]
+        return room, stages.batches[start:]
 
-    fast, slow = asyncio.run(scenario())
-    assert fast == [[10], [11], [12]]  # each went at once
-    assert slow == [[20], [21, 22]]  # the later two waited and went together
+    room, full = asyncio.run(scenario())
+    assert room == [[10], [11], [12]]  # each went at once
+    assert full == [[30], [31, 32]]  # the later two waited and went together

@@ -21,7 +21,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-class LatencyLimit:
+class CongestionLimit:
     """How many batches may be in flight, set as TCP Vegas sets its window: from how much of the
     work in flight is waiting for a core rather than running.
 
@@ -75,7 +75,7 @@ class NaturalBatcher(Generic[T, R]):
     `fn` takes a list and returns a list of the same length, in order. An exception from `fn`
     fails exactly the callers of that batch. At most `max_in_flight` batches run at once;
     items that arrive meanwhile wait and leave together, up to `max_batch_size` per batch.
-    With a `limit` (LatencyLimit, its ceiling `max_in_flight`), the batches' latency sets how
+    With a `limit` (CongestionLimit, its ceiling `max_in_flight`), the batches' latency sets how
     many of those slots are open; `clock` times them.
     """
 
@@ -84,7 +84,7 @@ class NaturalBatcher(Generic[T, R]):
         fn: Callable[[list[T]], Awaitable[list[R]]],
         max_batch_size: int,
         max_in_flight: int,
-        limit: LatencyLimit | None = None,
+        limit: CongestionLimit | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ):
         if max_batch_size < 1 or max_in_flight < 1:

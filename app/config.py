@@ -374,7 +374,7 @@ class ServingSettings(Strict):
     request_congestion_threshold: float | None = Field(1.0, gt=0)
     """Fewer batches in flight (down to one) while the batches' latency says more than this many
     batches' worth of the work in flight is waiting for a core, more again under half of it
-    (TCP Vegas's rule, app/batching.py LatencyLimit): requests that wait for the next batch
+    (TCP Vegas's rule, app/batching.py CongestionLimit): requests that wait for the next batch
     then cost fewer Serve calls than requests that go alone. null: always
     `request_batches_in_flight`. On a 2-core machine 2.5x slower than usual, A/B of 1.0
     against null on one cluster (benchmarks/ab.py, 6 rounds of 10 s): at 50 req/s, where the

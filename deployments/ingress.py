@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from app.batching import LatencyLimit, NaturalBatcher
+from app.batching import CongestionLimit, NaturalBatcher
 from app.config import Settings
 from app.events.auth import api_key_dependency, build_guard
 from app.events.body_limit import BodySizeLimit
@@ -87,7 +87,7 @@ class ApiIngress:
         self.refresher = keep_fresh(self.experiments.cache.refresh, s.experiments.refresh_interval_s, "experiments")
         self._exposure_tasks: set[asyncio.Task] = set()  # strong refs until each append is done
         sv = s.serving
-        limit = None if sv.request_congestion_threshold is None else LatencyLimit(sv.request_batches_in_flight, sv.request_congestion_threshold)
+        limit = None if sv.request_congestion_threshold is None else CongestionLimit(sv.request_batches_in_flight, sv.request_congestion_threshold)
         self.batcher = NaturalBatcher(self.pipeline.run, sv.request_batch_size, sv.request_batches_in_flight, limit)
 
     @api.get("/healthz", tags=["ops"])

@@ -5,7 +5,7 @@ import asyncio
 
 import pytest
 
-from app.batching import LatencyLimit, NaturalBatcher
+from app.batching import CongestionLimit, NaturalBatcher
 
 
 class Recorder:
@@ -107,8 +107,8 @@ def test_a_caller_that_gave_up_is_skipped_and_the_rest_are_answered():
     assert batches == [[0], [1, 3]]
 
 
-def test_latency_limit_closes_slots_while_batches_out_together_wait_and_reopens_them():
-    limit = LatencyLimit(ceiling=3, threshold=1.0, window=100, smoothing=1.0)
+def test_congestion_limit_closes_slots_while_batches_out_together_wait_and_reopens_them():
+    limit = CongestionLimit(ceiling=3, threshold=1.0, window=100, smoothing=1.0)
     for _ in range(5):
         limit.observe(0.010, in_flight=1)  # the floor: 10 ms
     assert limit.limit == 3
@@ -129,7 +129,7 @@ def test_latency_limit_closes_slots_while_batches_out_together_wait_and_reopens_
 def test_a_batch_out_alone_never_closes_a_slot_however_slow():
     """At low load a latency spike (another tenant, a GC pause) hits a batch that is out alone:
     closing slots would only make the next arrival wait for it."""
-    limit = LatencyLimit(ceiling=3, threshold=1.0, window=100, smoothing=1.0)
+    limit = CongestionLimit(ceiling=3, threshold=1.0, window=100, smoothing=1.0)
     limit.observe(0.010, in_flight=1)
     for seconds in (0.100, 1.0, 10.0):
         limit.observe(seconds, in_flight=1)
@@ -138,10 +138,10 @@ def test_a_batch_out_alone_never_closes_a_slot_however_slow():
     assert limit.limit == 2
 
 
-def test_latency_limit_floor_is_the_minimum_of_its_window():
+def test_congestion_limit_floor_is_the_minimum_of_its_window():
     """A machine that got slower for good raises the floor once its fast batches leave the
     window, and the slots open again."""
-    limit = LatencyLimit(ceiling=3, threshold=1.0, window=4, smoothing=1.0)
+    limit = CongestionLimit(ceiling=3, threshold=1.0, window=4, smoothing=1.0)
     limit.observe(0.010, in_flight=1)
     for _ in range(3):
         limit.observe(0.030, in_flight=3)
@@ -149,9 +149,9 @@ def test_latency_limit_floor_is_the_minimum_of_its_window():
     limit.observe(0.030, in_flight=3)  # the 10 ms batch has left the window: the floor is 30 ms
     assert limit.limit == 2
     with pytest.raises(ValueError):
-        LatencyLimit(ceiling=0)
+        CongestionLimit(ceiling=0)
     with pytest.raises(ValueError):
-        LatencyLimit(ceiling=3, threshold=0)
+        CongestionLimit(ceiling=3, threshold=0)
 
 
 def test_a_full_machine_sends_arrivals_in_the_next_batch_instead_of_alone():
@@ -191,7 +191,7 @@ def test_a_full_machine_sends_arrivals_in_the_next_batch_instead_of_alone():
         clock = Clock()
         stages = Stages(clock)
         stages.release.set()
-        batcher = NaturalBatcher(stages, max_batch_size=8, max_in_flight=3, limit=LatencyLimit(3, 1.0, smoothing=1.0), clock=clock)
+        batcher = NaturalBatcher(stages, max_batch_size=8, max_in_flight=3, limit=CongestionLimit(3, 1.0, smoothing=1.0), clock=clock)
         for i in range(3):
             await batcher.submit(i)  # 10 ms each: the floor
         start = len(stages.batches)

@@ -75,21 +75,25 @@ def track_blocks(tracks: pd.DataFrame, batch_size: int):
     return ray.data.from_pandas([rows.iloc[i : i + size] for i in range(0, len(rows), size)])
 
 
-def extract_audio(settings: Settings, tracks: pd.DataFrame) -> pd.DataFrame:
-    """`analyse_tracks` rows for every catalogue track, computed by a Ray Data actor pool."""
+def extract_audio(settings: Settings, tracks: pd.DataFrame, extractor: type = AudioFeatureExtractor) -> pd.DataFrame:
+    """`extractor` (`analyse_tracks` rows) for every catalogue track, computed by a Ray Data
+    actor pool. A batch whose actor dies is retried on the restarted actor up to
+    `content.actor_restarts` times; then the job fails with the actor's death as its error."""
     import ray
     from ray.data import DataContext
 
     cfg = settings.content
     DataContext.get_current().enable_progress_bars = True  # the operator progress lines in the job log
     return track_blocks(tracks, cfg.batch_size).map_batches(
-        AudioFeatureExtractor,
+        extractor,
         fn_constructor_kwargs={"sample_rate": cfg.sample_rate, "max_seconds": cfg.analysis_seconds},
         # Ray 2.51+ deprecates `concurrency=` for a fixed pool in favour of this.
         compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
         batch_size=cfg.batch_size,
         batch_format="pandas",
         num_cpus=cfg.cpus_per_actor,
+        max_restarts=cfg.actor_restarts,
+        max_task_retries=cfg.actor_restarts,
     ).to_pandas()
 
 

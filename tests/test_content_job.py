@@ -6,6 +6,7 @@ input mixed in, and cold start against the artifact it publishes.
 
 from __future__ import annotations
 
+import os
 import uuid
 
 import numpy as np
@@ -13,6 +14,7 @@ import pandas as pd
 import pytest
 import redis
 import soundfile as sf
+from ray.exceptions import RayActorError
 
 from app.artifacts import ArtifactStore
 from app.config import settings_from_args
@@ -177,3 +179,28 @@ def test_cold_start_refuses_an_artifact_whose_features_are_defined_differently(r
     monkeypatch.setattr(training.cold_start, "AUDIO_FEATURE_VERSION", training.cold_start.AUDIO_FEATURE_VERSION + 1)
     with pytest.raises(ValueError, match="re-run jobs.embed_content"):
         ContentModel.from_artifact(artifact)
+
+
+class DiesOnTrackT3:
+    """An extractor whose process dies, as a decoder crashing in native code would, on any
+    batch holding track t3, and answers the others."""
+
+    def __init__(self, sample_rate: int, max_seconds: float):
+        pass
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        if (batch["track_id"] == "t3").any():
+            os._exit(1)
+        return batch[["track_id"]]
+
+
+@pytest.mark.timeout(180)  # the failure this guards against is a job that never ends
+def test_a_batch_that_kills_its_actor_every_time_fails_the_job_instead_of_hanging(ray_cluster, tmp_path):
+    from jobs.embed_content import extract_audio
+
+    settings = settings_from_args(
+        {"paths": {"state_dir": str(tmp_path)}, "content": {"batch_size": 2, "concurrency": 1, "actor_restarts": 1}}
+    )
+    tracks = pd.DataFrame({"track_id": [f"t{i}" for i in range(6)], "audio_path": ["unused"] * 6})
+    with pytest.raises(RayActorError, match="DiesOnTrackT3"):
+        extract_audio(settings, tracks, extractor=DiesOnTrackT3)

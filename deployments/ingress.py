@@ -87,7 +87,9 @@ class ApiIngress:
         self.refresher = keep_fresh(self.experiments.cache.refresh, s.experiments.refresh_interval_s, "experiments")
         self._exposure_tasks: set[asyncio.Task] = set()  # strong refs until each append is done
         sv = s.serving
-        limit = None if sv.request_congestion_threshold is None else CongestionLimit(sv.request_batches_in_flight, sv.request_congestion_threshold)
+        limit = None
+        if sv.request_congestion_threshold is not None:
+            limit = CongestionLimit(sv.request_batches_in_flight, sv.request_congestion_threshold)
         self.batcher = NaturalBatcher(self.pipeline.run, sv.request_batch_size, sv.request_batches_in_flight, limit)
 
     @api.get("/healthz", tags=["ops"])

@@ -1,5 +1,6 @@
 """The content job on Ray Data, end to end on a tiny simulated catalogue with every kind of bad
-input mixed in, and cold start against the artifact it publishes.
+input mixed in, and cold start against the artifact it publishes; a batch that kills its actor
+every time fails the job rather than hanging it.
 
     .venv/bin/pytest tests/test_content_job.py -q
 """

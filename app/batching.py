@@ -102,7 +102,8 @@ class NaturalBatcher(Generic[T, R]):
         self.batches = 0
         self.items = 0
 
-    def _open(self) -> int:
+    def open_slots(self) -> int:
+        """Batches that may be in flight now: `max_in_flight`, or fewer while the limit closes some."""
         return self.max_in_flight if self.limit is None else self.limit.limit
 
     async def _timed(self, items: list[T]) -> list[R]:
@@ -114,7 +115,7 @@ class NaturalBatcher(Generic[T, R]):
         return results
 
     async def submit(self, item: T) -> R:
-        if not self._waiting and self._in_flight < self._open():
+        if not self._waiting and self._in_flight < self.open_slots():
             return await self._alone(item)
         future = asyncio.get_running_loop().create_future()
         self._waiting.append((item, future))
@@ -122,7 +123,7 @@ class NaturalBatcher(Generic[T, R]):
         return await future
 
     def _dispatch(self) -> None:
-        while self._waiting and self._in_flight < self._open():
+        while self._waiting and self._in_flight < self.open_slots():
             batch = []
             while self._waiting and len(batch) < self.max_batch_size:
                 item, future = self._waiting.popleft()

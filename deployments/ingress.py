@@ -29,7 +29,7 @@ from app.schemas import IngestResponse, RecommendationResponse
 from app.trending.query import trending_query_errors
 from app.flags import disabled_detail, with_flags
 from deployments.gateway import ingest_events
-from deployments.metrics import RequestMetrics, keep_fresh, record_refused
+from deployments.metrics import RequestMetrics, keep_fresh, record_open_batches, record_refused
 from deployments.pipeline import RecommendationPipeline, RecommendationRequest
 from deployments.runtime import REPLICA_ENV
 from deployments.web import WebServices, mount_web
@@ -91,6 +91,8 @@ class ApiIngress:
         if sv.request_congestion_threshold is not None:
             limit = CongestionLimit(sv.request_batches_in_flight, sv.request_congestion_threshold)
         self.batcher = NaturalBatcher(self.pipeline.run, sv.request_batch_size, sv.request_batches_in_flight, limit)
+        # Sampled, not set per batch: the gauge is for an operator asking whether the limit is holding back.
+        self.slots_reporter = keep_fresh(lambda: record_open_batches(self.batcher.open_slots()), 5.0, "batches-open")
 
     @api.get("/healthz", tags=["ops"])
     async def healthz(self) -> dict:

@@ -64,6 +64,11 @@ def _metrics() -> dict:
             "echotune_recommendation_batch_size", "Recommendation requests travelling the DAG as one batch.",
             boundaries=[1, 2, 4, 8, 16, 32, 64, 128],
         ),
+        "batches_open": Gauge(
+            "echotune_recommendation_batches_open",
+            "Batches an ingress replica lets travel the DAG at once: below serving.request_batches_in_flight"
+            " while the congestion limit holds some back.",
+        ),
         "refresh_failures": Counter(
             "echotune_refresh_failures_total", "Failed background reloads of models, lists or experiments (the replica keeps what it had).",
             tag_keys=("refresh",),
@@ -99,6 +104,10 @@ def keep_fresh(refresh: Callable[[], object], interval_s: float, name: str):
 
 def record_batch(size: int) -> None:
     metric("batch_size").observe(size)
+
+
+def record_open_batches(slots: int) -> None:
+    metric("batches_open").set(slots)
 
 
 def record_ingest(result: dict) -> None:

@@ -197,10 +197,10 @@ def test_a_full_machine_sends_arrivals_in_the_next_batch_instead_of_alone():
         start = len(stages.batches)
         assert await arrivals(batcher, stages, [10, 11, 12]) == [100, 110, 120]
         room = stages.batches[start:]
-        assert batcher.limit.limit == 3
+        assert batcher.open_slots() == 3
         stages.full = True  # the three batches now share one core's worth
         assert await arrivals(batcher, stages, [20, 21, 22]) == [200, 210, 220]
-        assert batcher.limit.limit == 1
+        assert batcher.open_slots() == 1
         start = len(stages.batches)
         assert await arrivals(batcher, stages, [30, 31, 32]) == [300, 310, 320]
         return room, stages.batches[start:]

@@ -38,13 +38,13 @@ class CongestionLimit:
     instead of one per request. On a 2-core machine about 2.5x slower than usual, where 50
     req/s filled the cores, one batch in flight instead of three gave a p95 of 89 against 136
     ms. Scaling by `n` is what keeps the limit out of the way at low load: a batch out alone
-    can never count as more than one batch queued, however slow a spike makes it, and closing
-    slots would not have helped it. The floor is a sliding minimum, so a machine that gets
+    can never count as more than one batch queued, however slow a spike makes it, so with a
+    `threshold` of at least 1 it never closes a slot (closing one would not have helped it). The floor is a sliding minimum, so a machine that gets
     slower for good raises it within `window` batches."""
 
     def __init__(self, ceiling: int, threshold: float = 1.0, window: int = 1000, smoothing: float = 0.2):
-        if ceiling < 1 or threshold <= 0 or window < 1 or not 0 < smoothing <= 1:
-            raise ValueError("ceiling >= 1, threshold > 0, window >= 1 and 0 < smoothing <= 1 are required")
+        if ceiling < 1 or threshold < 1 or window < 1 or not 0 < smoothing <= 1:
+            raise ValueError("ceiling >= 1, threshold >= 1, window >= 1 and 0 < smoothing <= 1 are required")
         self.ceiling, self.threshold, self.smoothing = ceiling, threshold, smoothing
         self.limit = ceiling
         self.queued: float | None = None

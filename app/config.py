@@ -376,12 +376,12 @@ class ServingSettings(Strict):
     once, under load batches grow with the backlog. Three kept 2 cores busier than two while a
     batch is between stages (same cluster, 64 closed-loop clients, three rounds: 571-604
     against 446-571 req/s); four made the batches smaller without filling the cores more."""
-    request_congestion_threshold: float | None = Field(1.0, gt=0)
+    request_congestion_threshold: float | None = Field(1.0, ge=1.0)
     """Fewer batches in flight (down to one) while the batches' latency says more than this many
     batches' worth of the work in flight is waiting for a core, more again under half of it
     (TCP Vegas's rule, app/batching.py CongestionLimit): requests that wait for the next batch
-    then cost fewer Serve calls than requests that go alone. null: always
-    `request_batches_in_flight`. On a 2-core machine 2.5x slower than usual, A/B of 1.0
+    then cost fewer Serve calls than requests that go alone. At least 1, so that a batch out
+    alone never closes a slot. null: always `request_batches_in_flight`. On a 2-core machine 2.5x slower than usual, A/B of 1.0
     against null on one cluster (benchmarks/ab.py, 6 rounds of 10 s): at 50 req/s, where the
     cores are full, p95 86.6 against 130.6 ms (ratio 0.663, interval 0.61-0.75); at 20 req/s,
     with room to spare, 42.3 against 45.5 ms (0.929, interval 0.88-1.03): no cost at low load."""

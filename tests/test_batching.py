@@ -151,7 +151,7 @@ def test_congestion_limit_floor_is_the_minimum_of_its_window():
     with pytest.raises(ValueError):
         CongestionLimit(ceiling=0)
     with pytest.raises(ValueError):
-        CongestionLimit(ceiling=3, threshold=0)
+        CongestionLimit(ceiling=3, threshold=0.5)  # below 1 a lone batch could close a slot
 
 
 def test_a_full_machine_sends_arrivals_in_the_next_batch_instead_of_alone():

@@ -52,7 +52,6 @@ def test_ray_fit_matches_single_process(ray_cluster):
     np.testing.assert_allclose(distributed.item_factors, local.item_factors, rtol=1e-3, atol=1e-5)
     users = np.arange(R.shape[0])
     np.testing.assert_array_equal(distributed.recommend_batch(users, R, k=5)[0], local.recommend_batch(users, R, k=5)[0])
-    assert len(distributed.iteration_seconds) == PARAMS["iterations"]
 
 
 @pytest.mark.ray

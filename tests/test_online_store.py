@@ -120,8 +120,10 @@ def test_rows_expire_after_the_view_ttl(redis_client):
     memory.write("v1", short, [("u1", {"n_plays": 1})])
     clock.now += 6
     assert memory.read("v1", [(short, "u1")]).rows == [None]
-    RedisOnlineStore(redis_client, Keys("test")).write("v1", short, [("u1", {"n_plays": 1})])
-    assert 0 < redis_client.ttl(Keys("test").feature_hash("v1", short.key, "u1")) <= 5
+    redis_store = RedisOnlineStore(redis_client, Keys("test"))
+    redis_store.write("v1", short.model_copy(update={"ttl_s": 1}), [("u1", {"n_plays": 1})])
+    rows = poll(lambda: redis_store.read("v1", [(short, "u1")]).rows, lambda r: r == [None], 1_000_000)  # until Redis expires it
+    assert rows == [None]
 
 
 class CountingConnection(redis.Connection):

@@ -6,6 +6,7 @@ import asyncio
 import pytest
 
 from app.batching import CongestionLimit, NaturalBatcher
+from tests.clock import FakeClock
 
 
 class Recorder:
@@ -159,12 +160,6 @@ def test_a_full_machine_sends_arrivals_in_the_next_batch_instead_of_alone():
     waits and leaves with the others; while the machine has room it goes at once, beside the
     batch out."""
 
-    class Clock:
-        now = 0.0
-
-        def __call__(self):
-            return self.now
-
     class Stages(Recorder):
         """A DAG whose batches take `seconds` of work on the clock: side by side while the
         machine has room, one after another once its cores are `full`."""
@@ -188,7 +183,7 @@ def test_a_full_machine_sends_arrivals_in_the_next_batch_instead_of_alone():
         return await asyncio.gather(*out)
 
     async def scenario():
-        clock = Clock()
+        clock = FakeClock()
         stages = Stages(clock)
         stages.release.set()
         batcher = NaturalBatcher(stages, max_batch_size=8, max_in_flight=3, limit=CongestionLimit(3, 1.0, smoothing=1.0), clock=clock)
@@ -198,7 +193,8 @@ def test_a_full_machine_sends_arrivals_in_the_next_batch_instead_of_alone():
         assert await arrivals(batcher, stages, [10, 11, 12]) == [100, 110, 120]
         room = stages.batches[start:]
         assert batcher.open_slots() == 3
-        stages.full = True  # the three batches now share one core's worth
+        stages.full = True  # the three batches now share one core's worth, and each needs more of it
+        stages.seconds = 0.030
         assert await arrivals(batcher, stages, [20, 21, 22]) == [200, 210, 220]
         assert batcher.open_slots() == 1
         start = len(stages.batches)

@@ -10,19 +10,12 @@ from app.features.registry import load_registry
 from app.features.store import InMemoryOnlineStore, LiveRead, Published, RedisOnlineStore
 from app.config import PROJECT_ROOT
 from app.keys import Keys
+from tests.clock import FakeClock
 from tests.waiting import poll
 
 REGISTRY = load_registry(PROJECT_ROOT / "feature_repo")
 USER = REGISTRY["user_profile"]
 TRACK = REGISTRY["track_profile"]
-
-
-class FakeClock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self):
-        return self.now
 
 
 @pytest.fixture(params=["redis", "memory"])

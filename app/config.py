@@ -259,11 +259,11 @@ class ContentSettings(Strict):
     """Feature-extraction actors."""
     cpus_per_actor: float = Field(0.5, gt=0)
     """CPUs each extraction actor reserves; below 1 so CF and trending can run beside it."""
-    actor_restarts: int = Field(3, ge=0)
-    """Times an extraction actor that died (a decoder crashing in native code, a lost node) is
-    restarted and its batch retried before the job fails with that death as its error. Ray
-    Data's default is for ever, so a batch that kills its actor every time hung the job with
-    nothing in its log but restarts. Raise it on preemptible nodes."""
+    crash_retries: int = Field(3, ge=0)
+    """Times a batch whose extraction actor died (a decoder crashing in native code, a lost
+    node) is retried on the restarted actor before it is set aside; its tracks are then
+    analysed one per batch, so one bad file costs only itself (jobs/embed_content.py
+    `extract_audio`). Raise it on preemptible nodes."""
     catalog_path: Path | None = None
     """Track catalogue Parquet (track_id, audio_path, artist_id, album, genres, release_year,
     duration_ms, explicit). None: the simulated world's tracks.parquet."""

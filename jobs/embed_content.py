@@ -9,10 +9,10 @@ in a pool of Ray Data actors (`content.concurrency`, `content.batch_size`,
 `content.analysis_seconds`), joins metadata and artist popularity from the exported events,
 fits scaler + PCA on a sample and embeds every track.
 
-Nothing is dropped: a track whose audio fails (missing, empty, corrupt, silent) is listed in
-the artifact's failed.parquet and the dead-letter stream with its reason, and still gets a
-metadata-only embedding; a catalogue row that cannot be a track (no id, repeated id) is
-dead-lettered too. The summary, logged and printed last, counts both.
+Nothing is dropped: a track whose audio fails (missing, empty, corrupt, silent, or crashing
+its decoder: see `extract_audio`) is listed in the artifact's failed.parquet and the
+dead-letter stream with its reason, and still gets a metadata-only embedding; a catalogue row
+that cannot be a track (no id, repeated id) is dead-lettered too. The summary, logged and printed last, counts both.
 """
 
 from __future__ import annotations
@@ -77,24 +77,72 @@ def track_blocks(tracks: pd.DataFrame, batch_size: int):
 
 def extract_audio(settings: Settings, tracks: pd.DataFrame, extractor: type = AudioFeatureExtractor) -> pd.DataFrame:
     """`extractor` (`analyse_tracks` rows) for every catalogue track, computed by a Ray Data
-    actor pool. A batch whose actor dies is retried on the restarted actor up to
-    `content.actor_restarts` times; then the job fails with the actor's death as its error."""
+    actor pool.
+
+    A track whose decoder crashes in native code kills its actor and, with it, its whole
+    batch; no `try` inside the batch can catch that (nor does `analyse_tracks` catch every
+    exception a decoder might raise). Such a batch is retried on the restarted actor
+    `content.crash_retries` times and then dropped; its tracks are analysed again one per
+    batch, which isolates the culprit: a track that still fails alone gets an
+    `analysis_failed` row, to be dead-lettered like any bad audio, and the rest of its batch
+    is analysed. If every batch of the first pass failed, the fault is not in the data (a
+    broken install, say) and the job fails instead of retrying each track."""
+    from training.content import ANALYSIS_COLUMNS
+
+    cfg = settings.content
+    analysed = _analyse(settings, tracks, cfg.batch_size, extractor)
+    lost = tracks[~tracks["track_id"].isin(analysed["track_id"])]
+    if lost.empty:
+        return analysed
+    if len(lost) == len(tracks):
+        raise RuntimeError(
+            f"every batch of audio analysis failed ({len(tracks)} tracks), so the fault is not one track's audio; "
+            "the job log has each batch's error"
+        )
+    log.warning("%d tracks were in failed batches; analysing them one per batch to find the culprits", len(lost))
+    again = _analyse(settings, lost, 1, extractor)
+    crashed = lost[~lost["track_id"].isin(again["track_id"])]
+    for track_id, path in zip(crashed["track_id"], crashed["audio_path"]):
+        log.warning("track %s failed its analysis alone in its batch: %s", track_id, path)
+    crashed_rows = pd.DataFrame(
+        {
+            "track_id": crashed["track_id"].to_numpy(),
+            # analyse_tracks's values for a track without audio features
+            "key_strength": 0.0, "tempo_bpm": 0.0, "seconds_total": 0.0, "seconds_analysed": 0.0, "truncated": False,
+            "error_reason": "analysis_failed",
+            "error": [f"audio {path}: its analysis failed alone in its batch (its process died, or it raised; see the job log)"
+                      for path in crashed["audio_path"]],
+        },
+        columns=ANALYSIS_COLUMNS,
+    )
+    return pd.concat([analysed, again, crashed_rows], ignore_index=True)
+
+
+def _analyse(settings: Settings, tracks: pd.DataFrame, batch_size: int, extractor: type) -> pd.DataFrame:
+    """One pass of the actor pool. The rows of a batch that failed (its actor died on every
+    try, or it raised) are missing from the result; Ray Data logs each with its error."""
     import ray
     from ray.data import DataContext
 
     cfg = settings.content
     DataContext.get_current().enable_progress_bars = True  # the operator progress lines in the job log
-    return track_blocks(tracks, cfg.batch_size).map_batches(
+    ds = track_blocks(tracks, batch_size).map_batches(
         extractor,
         fn_constructor_kwargs={"sample_rate": cfg.sample_rate, "max_seconds": cfg.analysis_seconds},
         # Ray 2.51+ deprecates `concurrency=` for a fixed pool in favour of this.
         compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
-        batch_size=cfg.batch_size,
+        batch_size=batch_size,
         batch_format="pandas",
         num_cpus=cfg.cpus_per_actor,
-        max_restarts=cfg.actor_restarts,
-        max_task_retries=cfg.actor_restarts,
-    ).to_pandas()
+        # A dead actor comes back (Ray Data's default), and its batch is retried a bounded number
+        # of times, not for ever (the default: that hung the job on a batch that killed its actor
+        # every time), and then dropped without failing the job (max_errored_blocks). Ray 2.60
+        # has no named parameter for this, hence its deprecation warning on `ray_remote_args`.
+        max_task_retries=cfg.crash_retries,
+    )
+    ds.context.max_errored_blocks = -1
+    analysed = ds.to_pandas()
+    return analysed if "track_id" in analysed else pd.DataFrame({"track_id": []})  # no batch made it
 
 
 def _dead_letter(settings: Settings, failed: pd.DataFrame) -> None:

@@ -1,6 +1,7 @@
 """The content job on Ray Data, end to end on a tiny simulated catalogue with every kind of bad
-input mixed in, and cold start against the artifact it publishes; a batch that kills its actor
-every time fails the job rather than hanging it.
+input mixed in, and cold start against the artifact it publishes; a track that kills its
+analysing actor, or raises, costs only itself, and a fault in every batch fails the job rather
+than hanging it.
 
     .venv/bin/pytest tests/test_content_job.py -q
 """
@@ -15,7 +16,6 @@ import pandas as pd
 import pytest
 import redis
 import soundfile as sf
-from ray.exceptions import RayActorError
 
 from app.artifacts import ArtifactStore
 from app.config import settings_from_args
@@ -182,26 +182,58 @@ def test_cold_start_refuses_an_artifact_whose_features_are_defined_differently(r
         ContentModel.from_artifact(artifact)
 
 
-class DiesOnTrackT3:
-    """An extractor whose process dies, as a decoder crashing in native code would, on any
-    batch holding track t3, and answers the others."""
+class FailsOnTrackT3:
+    """An extractor whose process dies on any batch holding track t3, as a decoder crashing in
+    native code would (or, `raises`, one that raises an exception analyse_tracks does not
+    catch), and answers the others."""
+
+    raises = False
 
     def __init__(self, sample_rate: int, max_seconds: float):
         pass
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         if (batch["track_id"] == "t3").any():
+            if self.raises:
+                raise RuntimeError("decoder bug on t3")
             os._exit(1)
-        return batch[["track_id"]]
+        return batch[["track_id"]].assign(error_reason=None)
 
 
-@pytest.mark.timeout(180)  # the failure this guards against is a job that never ends
-def test_a_batch_that_kills_its_actor_every_time_fails_the_job_instead_of_hanging(ray_cluster, tmp_path):
+class RaisesOnTrackT3(FailsOnTrackT3):
+    raises = True
+
+
+class DiesOnEveryBatch(FailsOnTrackT3):
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        os._exit(1)
+
+
+def _audio_settings(tmp_path, crash_retries: int):
+    return settings_from_args(
+        {"paths": {"state_dir": str(tmp_path)}, "content": {"batch_size": 2, "concurrency": 1, "crash_retries": crash_retries}}
+    )
+
+
+TRACKS = pd.DataFrame({"track_id": [f"t{i}" for i in range(6)], "audio_path": [f"/music/t{i}.ogg" for i in range(6)]})
+
+
+# The failure this guards against was a job that never ended.
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("extractor", [FailsOnTrackT3, RaisesOnTrackT3], ids=["actor-dies", "raises"])
+def test_a_track_that_fails_its_batch_every_time_costs_only_itself(ray_cluster, tmp_path, extractor):
     from jobs.embed_content import extract_audio
 
-    settings = settings_from_args(
-        {"paths": {"state_dir": str(tmp_path)}, "content": {"batch_size": 2, "concurrency": 1, "actor_restarts": 1}}
-    )
-    tracks = pd.DataFrame({"track_id": [f"t{i}" for i in range(6)], "audio_path": ["unused"] * 6})
-    with pytest.raises(RayActorError, match="DiesOnTrackT3"):
-        extract_audio(settings, tracks, extractor=DiesOnTrackT3)
+    analysis = extract_audio(_audio_settings(tmp_path, crash_retries=1), TRACKS, extractor=extractor).set_index("track_id")
+    assert sorted(analysis.index) == sorted(TRACKS["track_id"])  # t2, in t3's batch, analysed too
+    assert analysis.loc["t3", "error_reason"] == "analysis_failed"
+    assert "/music/t3.ogg" in analysis.loc["t3", "error"]
+    assert analysis.drop(index="t3")["error_reason"].isna().all()
+
+
+@pytest.mark.timeout(180)
+def test_a_fault_in_every_batch_fails_the_job_instead_of_retrying_each_track(ray_cluster, tmp_path):
+    from jobs.embed_content import extract_audio
+
+    with pytest.raises(RuntimeError, match="every batch of audio analysis failed"):
+        extract_audio(_audio_settings(tmp_path, crash_retries=0), TRACKS, extractor=DiesOnEveryBatch)

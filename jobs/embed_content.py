@@ -12,7 +12,8 @@ fits scaler + PCA on a sample and embeds every track.
 Nothing is dropped: a track whose audio fails (missing, empty, corrupt, silent, or crashing
 its decoder: see `extract_audio`) is listed in the artifact's failed.parquet and the
 dead-letter stream with its reason, and still gets a metadata-only embedding; a catalogue row
-that cannot be a track (no id, repeated id) is dead-lettered too. The summary, logged and printed last, counts both.
+that cannot be a track (no id, repeated id) is dead-lettered too. The summary, logged and
+printed last, counts both.
 """
 
 from __future__ import annotations

@@ -158,7 +158,7 @@ def _dead_letter(settings: Settings, failed: pd.DataFrame) -> None:
         dlq.put("embed_content", {"track_id": row.track_id, "audio_path": row.audio_path, "stage": row.stage}, f"{row.reason}: {row.error}")
 
 
-def embed_content(settings: Settings, tracks_path: Path | None = None) -> dict:
+def embed_content(settings: Settings, tracks_path: Path | None = None, extractor: type = AudioFeatureExtractor) -> dict:
     from app.data.audio_catalog import normalise_catalog
     from training.content import (
         AUDIO_FEATURE_DEFINITION,
@@ -179,7 +179,7 @@ def embed_content(settings: Settings, tracks_path: Path | None = None) -> dict:
         raise ValueError(f"catalogue {tracks_path} has no usable tracks ({len(rejected)} rows rejected)")
 
     with timed("audio features") as audio_timing:
-        analysis = extract_audio(settings, tracks)
+        analysis = extract_audio(settings, tracks, extractor)
     popularity = artist_popularity(settings, tracks)
     genres = genre_vocabulary(tracks["genres"])
     features, names, audio_ok = content_features(tracks, analysis, genres, popularity)

@@ -1,5 +1,5 @@
 """The content job on Ray Data, end to end on a tiny simulated catalogue with every kind of bad
-input mixed in, and cold start against the artifact it publishes; a track that kills its
+input mixed in (a file that crashes its decoder too), and cold start against the artifact it publishes; a track that kills its
 analysing actor, or raises, costs only itself, and a fault in every batch fails the job rather
 than hanging it.
 
@@ -36,6 +36,21 @@ def tone(seconds: float, sr: int, channels: int) -> np.ndarray:
     return np.repeat(y[:, None], channels, axis=1)
 
 
+class CrashesOnOneTrack:
+    """The real extractor, but its process dies on any batch holding track x-crash, as a
+    decoder crashing in native code on that file would."""
+
+    def __init__(self, sample_rate: int, max_seconds: float):
+        from jobs.embed_content import AudioFeatureExtractor
+
+        self.extractor = AudioFeatureExtractor(sample_rate, max_seconds)
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        if (batch["track_id"] == "x-crash").any():
+            os._exit(1)
+        return self.extractor(batch)
+
+
 @pytest.fixture(scope="module")
 def run(ray_cluster, redis_server, tmp_path_factory):
     from jobs.embed_content import embed_content
@@ -46,7 +61,7 @@ def run(ray_cluster, redis_server, tmp_path_factory):
             "redis": {"url": redis_server.url, "dead_letter_key": f"dlq:{uuid.uuid4().hex}"},
             "paths": {"state_dir": str(state)},
             "world": {"seed": 5, "n_users": 30, "n_artists": 10, "n_tracks": 32, "genres": GENRES, "clip_seconds": 2.0},
-            "content": {"analysis_seconds": 2.0, "batch_size": 8, "concurrency": 2, "embedding_dim": 8},
+            "content": {"analysis_seconds": 2.0, "batch_size": 8, "concurrency": 2, "embedding_dim": 8, "crash_retries": 0},
         }
     )
     generate_world(settings.world, settings.paths.world_dir)
@@ -70,6 +85,7 @@ def run(ray_cluster, redis_server, tmp_path_factory):
         "stereo_8k": bad / "stereo_8k.ogg",
         "six_channels_48k": bad / "six_channels_48k.flac",
         "long": bad / "long.wav",
+        "crash": bad / "long.wav",  # readable, but its decoder "crashes" (CrashesOnOneTrack)
     }
     template = world.tracks.iloc[0]
     rows = [template.to_dict() | {"track_id": f"x-{name}", "audio_path": str(path)} for name, path in extra.items()]
@@ -79,30 +95,34 @@ def run(ray_cluster, redis_server, tmp_path_factory):
     catalog_path = state / "catalog.parquet"
     catalog.to_parquet(catalog_path)
 
-    summary = embed_content(settings, catalog_path)
+    summary = embed_content(settings, catalog_path, extractor=CrashesOnOneTrack)
     artifact = ArtifactStore(settings.paths.artifacts_dir).latest("content")
     return settings, world, summary, artifact
 
 
 def test_every_bad_record_is_reported_with_its_reason_and_the_job_carries_on(run, redis_server):
     settings, world, summary, artifact = run
-    assert summary["tracks"] == len(world.tracks) + 7
-    assert summary["rejected"] == 2 and summary["audio_failed"] == 4
-    assert summary["audio_ok"] == len(world.tracks) + 3  # any rate, channel count and length is analysed
+    assert summary["tracks"] == len(world.tracks) + 8
+    assert summary["rejected"] == 2 and summary["audio_failed"] == 5
+    # any rate, channel count and length is analysed, and so is every batch-mate of x-crash
+    assert summary["audio_ok"] == len(world.tracks) + 3
     assert summary["truncated"] == 1
     failed = pd.read_parquet(artifact.file("failed.parquet")).set_index("track_id")
     assert failed.loc["x-corrupt", "reason"] == "undecodable"
     assert failed.loc["x-empty", "reason"] == "empty_audio"
     assert failed.loc["x-silence", "reason"] == "silent"
     assert failed.loc["x-missing", "reason"] == "missing_file"
+    assert failed.loc["x-crash", "reason"] == "analysis_failed"
     assert sorted(failed.loc[failed["stage"] == "catalog", "reason"]) == ["duplicate_track_id", "no_track_id"]
     assert summary["failed_by_reason"] == {
-        "undecodable": 1, "empty_audio": 1, "silent": 1, "missing_file": 1, "no_track_id": 1, "duplicate_track_id": 1
+        "undecodable": 1, "empty_audio": 1, "silent": 1, "missing_file": 1, "analysis_failed": 1, "no_track_id": 1,
+        "duplicate_track_id": 1,
     }
     # Not the redis_client fixture: it flushes the database this module's job wrote to.
     dlq = DeadLetterQueue(redis.Redis.from_url(redis_server.url), settings.redis.dead_letter_key).entries()
-    assert len(dlq) == 6 and {e["source"] for e in dlq} == {"embed_content"}
+    assert len(dlq) == 7 and {e["source"] for e in dlq} == {"embed_content"}
     assert any("x-silence" in e["record"] and e["reason"].startswith("silent") for e in dlq)
+    assert any("x-crash" in e["record"] and e["reason"].startswith("analysis_failed") for e in dlq)
 
 
 def test_artifact_manifest_and_files(run):

@@ -1,7 +1,7 @@
 """The content job on Ray Data, end to end on a tiny simulated catalogue with every kind of bad
-input mixed in (a file that crashes its decoder too), and cold start against the artifact it publishes; a track that kills its
-analysing actor, or raises, costs only itself, and a fault in every batch fails the job rather
-than hanging it.
+input mixed in (a file that crashes its decoder too), and cold start against the artifact it
+publishes; a track that kills its analysing actor, or raises, costs only itself, and a fault
+in every batch fails the job rather than hanging it.
 
     .venv/bin/pytest tests/test_content_job.py -q
 """

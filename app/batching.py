@@ -39,8 +39,9 @@ class CongestionLimit:
     req/s filled the cores, one batch in flight instead of three gave a p95 of 89 against 136
     ms. Scaling by `n` is what keeps the limit out of the way at low load: a batch out alone
     can never count as more than one batch queued, however slow a spike makes it, so with a
-    `threshold` of at least 1 it never closes a slot (closing one would not have helped it). The floor is a sliding minimum, so a machine that gets
-    slower for good raises it within `window` batches."""
+    `threshold` of at least 1 it never closes a slot (closing one would not have helped it).
+    The floor is a sliding minimum, so a machine that gets slower for good raises it within
+    `window` batches."""
 
     def __init__(self, ceiling: int, threshold: float = 1.0, window: int = 1000, smoothing: float = 0.2):
         if ceiling < 1 or threshold < 1 or window < 1 or not 0 < smoothing <= 1:
@@ -75,22 +76,22 @@ class NaturalBatcher(Generic[T, R]):
     `fn` takes a list and returns a list of the same length, in order. An exception from `fn`
     fails exactly the callers of that batch. At most `max_in_flight` batches run at once;
     items that arrive meanwhile wait and leave together, up to `max_batch_size` per batch.
-    With a `limit` (CongestionLimit, its ceiling `max_in_flight`), the batches' latency sets how
-    many of those slots are open; `clock` times them.
+    `max_in_flight` is a number, or a CongestionLimit, whose batches' latency (timed by
+    `clock`) sets how many of its `ceiling` slots are open.
     """
 
     def __init__(
         self,
         fn: Callable[[list[T]], Awaitable[list[R]]],
         max_batch_size: int,
-        max_in_flight: int,
-        limit: CongestionLimit | None = None,
+        max_in_flight: int | CongestionLimit,
         clock: Callable[[], float] = time.perf_counter,
     ):
+        limit = max_in_flight if isinstance(max_in_flight, CongestionLimit) else None
+        if limit is not None:
+            max_in_flight = limit.ceiling
         if max_batch_size < 1 or max_in_flight < 1:
             raise ValueError("max_batch_size and max_in_flight must be at least 1")
-        if limit is not None and limit.ceiling != max_in_flight:
-            raise ValueError("the limit's ceiling must be max_in_flight")
         self._fn = fn
         self.max_batch_size = max_batch_size
         self.max_in_flight = max_in_flight

@@ -381,10 +381,11 @@ class ServingSettings(Strict):
     batches' worth of the work in flight is waiting for a core, more again under half of it
     (TCP Vegas's rule, app/batching.py CongestionLimit): requests that wait for the next batch
     then cost fewer Serve calls than requests that go alone. At least 1, so that a batch out
-    alone never closes a slot. null: always `request_batches_in_flight`. On a 2-core machine 2.5x slower than usual, A/B of 1.0
-    against null on one cluster (benchmarks/ab.py, 6 rounds of 10 s): at 50 req/s, where the
-    cores are full, p95 86.6 against 130.6 ms (ratio 0.663, interval 0.61-0.75); at 20 req/s,
-    with room to spare, 42.3 against 45.5 ms (0.929, interval 0.88-1.03): no cost at low load."""
+    alone never closes a slot. null: always `request_batches_in_flight`. On a 2-core machine
+    2.5x slower than usual, A/B of 1.0 against null on one cluster (benchmarks/ab.py, 6 rounds
+    of 10 s): at 50 req/s, where the cores are full, p95 86.6 against 130.6 ms (ratio 0.663,
+    interval 0.61-0.75); at 20 req/s, with room to spare, 42.3 against 45.5 ms (0.929, interval
+    0.88-1.03): no cost at low load."""
 
     @model_validator(mode="after")
     def _known_sources(self) -> "ServingSettings":

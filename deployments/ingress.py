@@ -87,10 +87,10 @@ class ApiIngress:
         self.refresher = keep_fresh(self.experiments.cache.refresh, s.experiments.refresh_interval_s, "experiments")
         self._exposure_tasks: set[asyncio.Task] = set()  # strong refs until each append is done
         sv = s.serving
-        limit = None
+        slots: int | CongestionLimit = sv.request_batches_in_flight
         if sv.request_congestion_threshold is not None:
-            limit = CongestionLimit(sv.request_batches_in_flight, sv.request_congestion_threshold)
-        self.batcher = NaturalBatcher(self.pipeline.run, sv.request_batch_size, sv.request_batches_in_flight, limit)
+            slots = CongestionLimit(sv.request_batches_in_flight, sv.request_congestion_threshold)
+        self.batcher = NaturalBatcher(self.pipeline.run, sv.request_batch_size, slots)
         # Sampled, not set per batch: the gauge is for an operator asking whether the limit is holding back.
         self.slots_reporter = keep_fresh(lambda: record_open_batches(self.batcher.open_slots()), 5.0, "batches-open")
 

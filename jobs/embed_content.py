@@ -88,7 +88,7 @@ def extract_audio(settings: Settings, tracks: pd.DataFrame, extractor: type = Au
     `analysis_failed` row, to be dead-lettered like any bad audio, and the rest of its batch
     is analysed. If every batch of the first pass failed, the fault is not in the data (a
     broken install, say) and the job fails instead of retrying each track."""
-    from training.content import ANALYSIS_COLUMNS
+    from training.content import ANALYSIS_COLUMNS, unanalysed
 
     cfg = settings.content
     analysed = _analyse(settings, tracks, cfg.batch_size, extractor)
@@ -105,15 +105,10 @@ def extract_audio(settings: Settings, tracks: pd.DataFrame, extractor: type = Au
     crashed = lost[~lost["track_id"].isin(again["track_id"])]
     for track_id, path in zip(crashed["track_id"], crashed["audio_path"]):
         log.warning("track %s failed its analysis alone in its batch: %s", track_id, path)
+    detail = "its analysis failed alone in its batch (its process died, or it raised; see the job log)"
     crashed_rows = pd.DataFrame(
-        {
-            "track_id": crashed["track_id"].to_numpy(),
-            # analyse_tracks's values for a track without audio features
-            "key_strength": 0.0, "tempo_bpm": 0.0, "seconds_total": 0.0, "seconds_analysed": 0.0, "truncated": False,
-            "error_reason": "analysis_failed",
-            "error": [f"audio {path}: its analysis failed alone in its batch (its process died, or it raised; see the job log)"
-                      for path in crashed["audio_path"]],
-        },
+        [unanalysed(t) | {"error_reason": "analysis_failed", "error": f"audio {path}: {detail}"}
+         for t, path in zip(crashed["track_id"], crashed["audio_path"])],
         columns=ANALYSIS_COLUMNS,
     )
     return pd.concat([analysed, again, crashed_rows], ignore_index=True)

@@ -186,7 +186,7 @@ def test_a_full_machine_sends_arrivals_in_the_next_batch_instead_of_alone():
         clock = FakeClock()
         stages = Stages(clock)
         stages.release.set()
-        batcher = NaturalBatcher(stages, max_batch_size=8, max_in_flight=3, limit=CongestionLimit(3, 1.0, smoothing=1.0), clock=clock)
+        batcher = NaturalBatcher(stages, max_batch_size=8, max_in_flight=CongestionLimit(3, 1.0, smoothing=1.0), clock=clock)
         for i in range(3):
             await batcher.submit(i)  # 10 ms each: the floor
         start = len(stages.batches)

@@ -532,6 +532,11 @@ ANALYSIS_COLUMNS = [
 """One row per track out of `analyse_tracks`: what the Ray Data stage emits and cold start reuses."""
 
 
+def unanalysed(track_id: str) -> dict:
+    """A track's ANALYSIS_COLUMNS row before (or without) its analysis: no key, zero measures."""
+    return dict(zip(ANALYSIS_COLUMNS, [track_id, None, None, 0.0, 0.0, 0.0, 0.0, False, None, None]))
+
+
 def analyse_tracks(tracks: pd.DataFrame, sr: int, max_seconds: float) -> pd.DataFrame:
     """Decode and analyse each (`track_id`, `audio_path`) row; never raises for one bad track.
 
@@ -540,7 +545,7 @@ def analyse_tracks(tracks: pd.DataFrame, sr: int, max_seconds: float) -> pd.Data
     """
     rows = []
     for track_id, uri in zip(tracks["track_id"].to_numpy(), tracks["audio_path"].to_numpy()):
-        row = dict(zip(ANALYSIS_COLUMNS, [track_id, None, None, 0.0, 0.0, 0.0, 0.0, False, None, None]))
+        row = unanalysed(track_id)
         try:
             decoded = decode_audio(uri, sr, max_seconds)
             row.update(seconds_total=decoded.total_seconds, truncated=decoded.truncated)

@@ -50,6 +50,7 @@ class ModelBundle:
         # one buffer instead of one string object per candidate.
         self.track_ids = np.asarray(self.track_ids, dtype=str)
         self.index = {t: i for i, t in enumerate(self.track_ids.tolist())}
+        self.artists, self.genres = _labels(self.artists), _labels(self.genres)
         self.artist_codes = pd.factorize(np.asarray(self.artists, dtype=object))[0]
         self.genre_codes = pd.factorize(np.asarray(self.genres, dtype=object))[0]
         n = len(self.track_ids)
@@ -102,6 +103,13 @@ class ModelBundle:
             release_ms=_release_ms(tracks),
             explicit=tracks["explicit"].fillna(False).to_numpy(dtype=bool) if "explicit" in tracks else np.zeros(len(tracks), bool),
         )
+
+
+def _labels(values) -> np.ndarray:
+    """Artist or genre names as strings, None where unknown. A catalogue may leave them out:
+    they then load as NaN (or as integers from an id column), and the answer's `artist_id` and
+    `genre` are strings or null: one NaN in a batch's top k failed every answer of the batch."""
+    return np.asarray([None if pd.isna(v) else str(v) for v in np.asarray(values, dtype=object).tolist()], dtype=object)
 
 
 def _release_ms(tracks: pd.DataFrame) -> np.ndarray:

@@ -190,6 +190,22 @@ def test_rerank_caps_artists_and_fills_from_the_chain_when_short():
     assert [i.track_id for i in capped] == ["t0", "t1", "t2"]
 
 
+def test_tracks_without_artist_or_genre_are_answered_with_nulls():
+    """A catalogue may lack a track's artist or genre (NaN from Parquet) or number its artists:
+    the answer then says null, or the number as text, instead of failing the batch's answers."""
+    b = bundle()
+    b.artists = np.array([np.nan, None, 7, 7, "a1", "a1", "a2", "a2"], dtype=object)
+    b.genres = np.array([np.nan, "rock", None, "rock", "rock", "rock", "jazz", "jazz"], dtype=object)
+    b.__post_init__()
+    f = UserFeatures("u", True, cf_vector=np.ones(2))
+    cf = Retrieved(["t0", "t1", "t2", "t3"], np.array([4.0, 3.0, 2.0, 1.0]))
+    blended = blend_candidates(f, b, settings(source_weights={"cf": 1.0}), cf=cf, now_ms=NOW)
+    items = rerank_candidates(blended, b, 4, settings())
+    assert [(i.track_id, i.artist_id, i.genre) for i in items] == [
+        ("t0", None, None), ("t1", None, "rock"), ("t2", "7", None), ("t3", "7", "rock"),
+    ]
+
+
 def test_rerank_marks_diversity_demotions():
     b = bundle()
     f = UserFeatures("u", True, cf_vector=np.ones(2))

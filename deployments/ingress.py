@@ -24,6 +24,7 @@ from app.events.auth import api_key_dependency, build_guard
 from app.events.body_limit import BodySizeLimit
 from app.events.http import client_hints
 from app.experiments.serving import ExperimentRouter
+from app.query_params import query_names, unknown_parameter_errors
 from app.redis_server import connect
 from app.schemas import IngestResponse, RecommendationResponse
 from app.trending.query import trending_query_errors
@@ -118,11 +119,14 @@ class ApiIngress:
         return result["response"]
 
     @api.get("/v1/users/{user_id}/recommendations", response_model=RecommendationResponse, tags=["recommendations"])
-    async def recommendations(self, user_id: str, k: int = Query(20, description="How many tracks, 1..max_k.")):
+    async def recommendations(
+        self, user_id: str, k: int = Query(20, description="How many tracks, 1..max_k."), names: list[str] = Depends(query_names)
+    ):
+        errors = unknown_parameter_errors(names, ("k",))
         if not 1 <= k <= self.settings.serving.max_k:
-            return _unprocessable(
-                [{"loc": ["query", "k"], "msg": f"k must be between 1 and {self.settings.serving.max_k}", "type": "value_error"}]
-            )
+            errors.append({"loc": ["query", "k"], "msg": f"k must be between 1 and {self.settings.serving.max_k}", "type": "value_error"})
+        if errors:
+            return _unprocessable(errors)
         # Already rendered JSON: FastAPI does not validate a Response against `response_model`
         # again (`response_model` still documents it).
         return Response(await self._answer(user_id, k), media_type="application/json")
@@ -160,10 +164,12 @@ class ApiIngress:
         genre: str | None = Query(None, description="Only this genre's trending tracks."),
         locale: str | None = Query(None, description="What trends among listeners of this locale (e.g. en-US)."),
         k: int = Query(20, description="How many tracks, 1..max_k."),
+        names: list[str] = Depends(query_names),
     ):
         if not self.settings.flags.trending_detection:
             return JSONResponse(status_code=503, content=disabled_detail("trending_detection", "trending lists"))
-        errors = trending_query_errors(genre, locale, k, self.settings.serving.max_k)
+        errors = unknown_parameter_errors(names, ("genre", "locale", "k"))
+        errors += trending_query_errors(genre, locale, k, self.settings.serving.max_k)
         if errors:
             return _unprocessable(errors)
         return await self.trending_lists.top.remote(genre, locale, k)

@@ -178,6 +178,20 @@ def test_k_out_of_range_is_422_naming_k(system, k):
     assert resp.json()["detail"][0]["loc"] == ["query", "k"]
 
 
+@pytest.mark.parametrize(
+    "path, params, unknown",
+    [
+        ("/v1/users/u0001/recommendations", {"k": 5, "explicit": "false"}, "explicit"),
+        ("/v1/trending", {"genre": "rock", "colour": "red"}, "colour"),
+    ],
+)
+def test_a_parameter_the_route_does_not_take_is_422_naming_it(system, path, params, unknown):
+    """A filter the API does not have must not answer as if it had been applied."""
+    resp = system["api"].get(path, params=params)
+    assert resp.status_code == 422
+    assert [e["loc"] for e in resp.json()["detail"]] == [["query", unknown]]
+
+
 def test_malformed_event_is_422_naming_field_and_nothing_is_stored(system, redis_server):
     import redis
 

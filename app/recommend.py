@@ -257,11 +257,13 @@ def blend_candidates(
     and the features' trending and popular lists, when the caller keeps it resolved."""
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     versions = {"features": features.feature_version} if features.feature_version else {}
-    cold = features.cf_vector is None and not features.recent_tracks and not features.online_recent
+    cold = _cold(features)
     segment = user_segment(features.n_plays, settings.casual_from_plays, settings.heavy_from_plays)
     if bundle is None:
-        # Nothing published yet: popularity straight from the feature store.
-        items = [(t, s) for t, s in features.popular if t not in features.prefs.blocked_tracks]
+        # Nothing published yet: popularity straight from the feature store (no catalogue to
+        # know artists or explicit flags by, so only the track filters apply).
+        drop = features.exclude | features.prefs.blocked_tracks
+        items = [(t, s) for t, s in features.popular if t not in drop]
         return Blended(
             features.user_id, True, [t for t, _ in items], np.asarray([s for _, s in items]),
             Reasons.single("popular", len(items)), versions, segment, features.stale,
@@ -309,6 +311,35 @@ def blend_candidates(
         degraded=features.stale,
         indices=items,
         catalog=bundle.versions.get("content"),
+    )
+
+
+def _cold(features: UserFeatures) -> bool:
+    """Nothing the models could know the listener by: only history-free sources speak for them."""
+    return features.cf_vector is None and not features.recent_tracks and not features.online_recent
+
+
+def popular_fallback(features: UserFeatures, bundle: ModelBundle | None, settings: ServingSettings) -> Blended:
+    """The replica's own popular list for a listener whose blend failed. The filters are applied
+    here because this path skips the blend, where they otherwise are: a fallback must not bring
+    back a blocked track or artist, an explicit one for a listener who opted out, or what they
+    just heard."""
+    segment = user_segment(features.n_plays, settings.casual_from_plays, settings.heavy_from_plays)
+    if bundle is None:
+        return Blended(features.user_id, _cold(features), [], np.empty(0), Reasons.single("popular", 0), {}, segment, degraded=True)
+    items = [(bundle.index[t], s) for t, s in bundle.popular if t in bundle.index]
+    idx = np.asarray([i for i, _ in items], dtype=np.int64)
+    scores = np.asarray([s for _, s in items], dtype=np.float64)
+    prefs = features.prefs
+    keep = allowed(
+        bundle.track_ids[idx], bundle.artists[idx], bundle.explicit[idx], always_exclude=features.exclude,
+        blocked_tracks=prefs.blocked_tracks, blocked_artists=prefs.blocked_artists, allow_explicit=prefs.allow_explicit,
+    )
+    idx, scores = idx[keep], scores[keep]
+    versions = {"trending": bundle.versions["trending"]} if "trending" in bundle.versions else {}
+    return Blended(
+        features.user_id, _cold(features), bundle.track_ids[idx], scores, Reasons.single("popular", len(idx)), versions,
+        segment, degraded=True, indices=idx, catalog=bundle.versions.get("content"),
     )
 
 

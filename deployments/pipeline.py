@@ -88,7 +88,7 @@ class RecommendationPipeline:
         if packed is None:
             # The blend is where trending and popular come in; without it, the reranker's own
             # popular list is the answer.
-            responses = await self._stage("popular", self.reranker.popular.remote(users, ks, ids), None)
+            responses = await self._stage("popular", self.reranker.popular.remote(features, ks, ids), None)
             return responses or [
                 RecommendationResponse(user_id=u, request_id=i, cold_start=True, items=[], model_versions={}, degraded=True).model_dump_json()
                 for u, i in zip(users, ids)

@@ -18,7 +18,6 @@ experiment variant's parameters), validated the same way.
 
 from __future__ import annotations
 
-import numpy as np
 from ray import serve
 
 from app.config import Settings
@@ -26,9 +25,11 @@ from app.features.lists import SharedLists
 from app.features.reader import FeatureReader
 from app.features.store import RedisOnlineStore
 from app.keys import Keys
-from app.ranking.blend import Reasons, compile_blend
+from app.ranking.blend import compile_blend
 from app.ranking.rerank import compile_mmr
-from app.recommend import Blended, Retrieved, UserFeatures, blend_candidates, placed_in, rerank_candidates, shared_candidates
+from app.recommend import (
+    Blended, Retrieved, UserFeatures, blend_candidates, placed_in, popular_fallback, rerank_candidates, shared_candidates,
+)
 from app.redis_server import connect
 from app.schemas import RecommendationResponse
 from deployments.packed import Packed, pack, unpack
@@ -106,15 +107,13 @@ class Reranker(ModelServing):
             for b, n, rid, p in zip(blended, k, request_id, params)
         ]
 
-    async def popular(self, user_ids: list[str], k: list[int], request_id: list[str]) -> list[str]:
-        """Last resort when the blend itself failed: the replica's own popular list."""
+    async def popular(self, packed_features: Packed[list[UserFeatures]], k: list[int], request_id: list[str]) -> list[str]:
+        """Last resort when the blend itself failed: the replica's own popular list, filtered
+        by each listener's preferences and recent plays."""
         bundle = self.models.get()
-        items = bundle.popular if bundle else []
         responses = []
-        for user_id, n, rid in zip(user_ids, k, request_id):
-            blended = Blended(
-                user_id, True, [t for t, _ in items], np.asarray([s for _, s in items]), Reasons.single("popular", len(items)), {}, degraded=True
-            )
+        for features, n, rid in zip(unpack(packed_features), k, request_id):
+            blended = popular_fallback(features, bundle, self.serving)
             responses.append(self._response(blended, rerank_candidates(blended, bundle, n, self.serving), rid))
         return responses
 

@@ -15,7 +15,8 @@ from app.ranking.recency import MS_PER_DAY, recency_boost
 from app.ranking.rerank import mmr_rerank
 from app.ranking.segments import user_segment
 from app.recommend import (
-    Blended, Retrieved, UserFeatures, blend_candidates, new_releases, placed_in, rerank_candidates, retrieve_cf, retrieve_content,
+    Blended, Retrieved, UserFeatures, blend_candidates, new_releases, placed_in, popular_fallback, rerank_candidates, retrieve_cf,
+    retrieve_content,
 )
 
 NOW = 1_800_000_000_000
@@ -178,6 +179,24 @@ def test_replica_popular_list_stands_in_when_the_store_gave_none():
     b.popular = [("t2", 3.0)]
     out = blend_candidates(UserFeatures("u", False, stale=True), b, settings(source_weights={"popular": 1.0}), now_ms=NOW)
     assert out.track_ids == ["t2"] and out.degraded
+
+
+def test_popular_fallback_keeps_the_listeners_filters():
+    """When the blend fails the replica's popular list answers, still without what the listener
+    blocked (track or artist), just heard, or opted out of (explicit)."""
+    b = bundle()
+    b.popular = [(f"t{i}", 10.0 - i) for i in range(8)] + [("gone", 1.0)]
+    b.versions = {**b.versions, "trending": "v7"}
+    f = UserFeatures(
+        "u", True, cf_vector=np.ones(2), online_recent=["t2"], n_plays=50,
+        prefs=UserPrefs(allow_explicit=False, blocked_tracks={"t1"}, blocked_artists={"a1"}),
+    )
+    out = popular_fallback(f, b, settings())
+    assert list(out.track_ids) == ["t0", "t3", "t6"]
+    assert out.degraded and not out.cold_start and out.segment == "casual" and out.versions == {"trending": "v7"}
+    assert [i.track_id for i in rerank_candidates(out, b, 2, settings())] == ["t0", "t3"]
+    stranger = popular_fallback(UserFeatures("new", False), b, settings())
+    assert stranger.cold_start and list(stranger.track_ids) == [f"t{i}" for i in range(8)]
 
 
 def test_rerank_caps_artists_and_fills_from_the_chain_when_short():

@@ -86,12 +86,14 @@ class Stages:
             for b, k, i in zip(unpack(packed), ks, ids)
         ]
 
-    async def popular(self, users, ks, ids):
+    async def popular(self, packed_features, ks, ids):
+        """The listener's features come along: the popular list is filtered by them
+        (app.recommend.popular_fallback); here a known listener says so."""
         self._check("popular")
         return [
-            RecommendationResponse(user_id=u, request_id=i, cold_start=True, degraded=True, model_versions={},
+            RecommendationResponse(user_id=f.user_id, request_id=i, cold_start=not f.known, degraded=True, model_versions={},
                                    items=[RecommendedTrack(track_id="t0", score=1.0, sources=["popular"])]).model_dump_json()
-            for u, i in zip(users, ids)
+            for f, i in zip(unpack(packed_features), ids)
         ]
 
 
@@ -127,7 +129,13 @@ def test_the_reranker_down_answers_the_blends_order_with_its_reasons(ray_cluster
 
 def test_the_blend_down_answers_the_popular_list(ray_cluster):
     responses, _ = answer("blend")
-    assert [i.track_id for i in responses[0].items] == ["t0"] and responses[0].cold_start and responses[0].degraded
+    assert [r.user_id for r in responses] == ["u1", "u2"]
+    assert [i.track_id for i in responses[0].items] == ["t0"] and not responses[0].cold_start and responses[0].degraded
+
+
+def test_the_blend_and_the_feature_store_down_answer_the_popular_list_as_cold_start(ray_cluster):
+    responses, _ = answer("fetch", "blend")
+    assert [(r.user_id, r.cold_start, r.degraded) for r in responses] == [("u1", True, True), ("u2", True, True)]
 
 
 def test_the_feature_store_down_still_answers_every_user(ray_cluster):

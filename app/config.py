@@ -414,7 +414,8 @@ class FeatureStoreSettings(Strict):
     write_batch_size: int = Field(500, ge=1)
     """Rows per pipelined write."""
     snapshot_entries: int = Field(10_000, ge=0)
-    """Entities each serving replica remembers for degraded mode (Redis unreachable)."""
+    """Reads each serving replica remembers for degraded mode (Redis unreachable): a user's
+    profile, recent plays and preferences are three."""
     outage_retry_s: float = Field(1.0, gt=0)
     """After a failed online read, serving replicas answer from their snapshot for this long
     before trying Redis again: a hung Redis then costs one socket timeout per interval, not

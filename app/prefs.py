@@ -40,6 +40,13 @@ def prefs_from_hash(raw: dict[str, str]) -> UserPrefs:
     )
 
 
+def prefs_or_safe(raw: dict[str, str] | None) -> UserPrefs:
+    """The listener's preferences, or the safe side when they could not be read (Redis down
+    and the replica's snapshot never saw them): no explicit content. A listener who allows it
+    goes without for the outage; one who opted out is not shown it."""
+    return UserPrefs(allow_explicit=False) if raw is None else prefs_from_hash(raw)
+
+
 class PreferencesStore:
     def __init__(self, client: redis.Redis, keys: Keys):
         self.client = client

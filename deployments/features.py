@@ -19,7 +19,7 @@ from app.config import Settings
 from app.features.reader import FeatureReader
 from app.features.store import LiveRead, RedisOnlineStore
 from app.keys import Keys
-from app.prefs import prefs_from_hash
+from app.prefs import prefs_or_safe
 from app.recommend import UserFeatures, user_features_from_row
 from app.redis_server import connect
 from deployments.metrics import keep_fresh, observe_latency
@@ -55,7 +55,7 @@ class FeatureFetcher:
         return pack([
             user_features_from_row(
                 user_id, row, [], [], read.namespace,
-                stale=read.stale, online_recent=recent, prefs=prefs_from_hash(prefs), cf_version=cf_version,
+                stale=read.stale, online_recent=recent, prefs=prefs_or_safe(prefs), cf_version=cf_version,
             )
             for user_id, row, recent, prefs in zip(user_ids, read.rows, read.live[0::2], read.live[1::2])
         ])

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from ray.serve.handle import DeploymentHandle
 
+from app.prefs import prefs_or_safe
 from app.recommend import Blended, UserFeatures
 from app.schemas import RecommendationResponse, RecommendedTrack
 from deployments.metrics import after_answer, record_batch, record_fallback
@@ -81,7 +82,8 @@ class RecommendationPipeline:
         ks, ids, params = [r.k for r in requests], [r.request_id for r in requests], [r.params for r in requests]
         features = await self._stage("fetch", self.fetcher.fetch.remote(users), None)
         if features is None:
-            features = pack([UserFeatures(u, known=False, stale=True) for u in users])
+            # Preferences unknown: the safe side (app.prefs.prefs_or_safe).
+            features = pack([UserFeatures(u, known=False, stale=True, prefs=prefs_or_safe(None)) for u in users])
         cf = await self._stage("cf", self.cf.retrieve.remote(features), None)
         content = await self._stage("content", self.content.retrieve.remote(features), None)
         packed: Packed[list[Blended]] | None = await self._stage("blend", self.blender.blend.remote(features, cf, content, params), None)

@@ -159,3 +159,32 @@ def test_a_replica_reader_moves_to_a_new_materialisation_only_when_refreshed():
     store.down = False
     reader.refresh()  # the alias reads again: Redis is back, the breaker closes at once
     assert reader.read([("user_profile", "u1")]).namespace == "ns2"
+
+
+def test_an_outage_keeps_what_filters_the_listeners_answers(tmp_path):
+    """Blocks, the explicit setting and just-heard tracks, and the model version the stored
+    vectors belong to, outlive an outage in the snapshot; a listener the snapshot never saw has
+    unknown preferences (None), answered on the safe side, not the defaults."""
+    from app.features.store import LiveRead
+    from app.prefs import UserPrefs, prefs_or_safe
+
+    keys = Keys("t")
+    server = EmbeddedRedis(tmp_path / "redis", appendonly=False).start()
+    try:
+        client = redis.Redis.from_url(server.url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        store = RedisOnlineStore(client, keys)
+        store.write("ns1", USER, [("u1", {"n_plays": 3})])
+        store.publish(Published("ns1", REGISTRY, {"artifacts": {"cf": "v3"}}))
+        client.rpush(keys.recent_plays("u1"), "t3", "t2", "t1")
+        client.hset(keys.user_prefs("u1"), mapping={"allow_explicit": "1", "blocked_tracks": "t9"})
+        reader = FeatureReader(store, refresh_s=60, max_entries=10)
+        u1 = [LiveRead("list", keys.recent_plays("u1"), 2), LiveRead("hash", keys.user_prefs("u1"))]
+        fresh = reader.read([("user_profile", "u1")], live=u1)
+
+        server.stop()
+        stale = reader.read([("user_profile", "u1"), ("user_profile", "u2")], live=[*u1, LiveRead("hash", keys.user_prefs("u2"))])
+    finally:
+        server.stop()
+    assert stale.stale and stale.meta == {"artifacts": {"cf": "v3"}}
+    assert stale.live[:2] == fresh.live and len(stale.live[0]) == 2
+    assert [prefs_or_safe(p) for p in stale.live[1:]] == [UserPrefs(True, {"t9"}, set()), UserPrefs(allow_explicit=False)]

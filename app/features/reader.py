@@ -3,7 +3,10 @@
 Every successful read also lands in a bounded in-process snapshot (LRU by entity, plus the
 latest ranked lists). When Redis is unreachable the reader answers from that snapshot and
 flags the result stale, so a request degrades instead of failing: a user read recently still
-gets their features, anyone else gets the cold-start path with the cached popular list.
+gets their features, anyone else gets the cold-start path with the cached popular list. The
+live reads (recent plays, preferences) and the alias's metadata are kept too: an outage must
+not bring back a track the listener blocked or just heard. A live read the snapshot never saw
+comes back as None, not as empty, so the caller can tell "no preferences" from "unknown".
 
 After a failed read the reader does not try Redis again for `retry_s` (a circuit breaker):
 a Redis that hangs rather than refuses costs a whole socket timeout per attempt, and the
@@ -89,15 +92,15 @@ class FeatureReader:
             log.warning("online store unreachable, serving the local snapshot for %.1f s: %s", self.retry_s, exc)
             self._down_until = self.clock() + self.retry_s
             return self._from_snapshot(requests, rankings, live)
-        self._remember(requests, result.rows, rankings, result.rankings)
+        self._remember(requests, result.rows, rankings, result.rankings, live, result.live)
         return FeatureRead(result.rows, result.rankings, published.namespace, result.live, meta=published.meta)
 
     @staticmethod
     def _empty_live(live) -> list:
         return [[] if item.kind == "list" else {} for item in live]
 
-    def _remember(self, requests, rows, rankings, ranked) -> None:
-        for key, row in zip(requests, rows):
+    def _remember(self, requests, rows, rankings, ranked, live, live_values) -> None:
+        for key, row in [*zip(requests, rows), *((("live", item.key), value) for item, value in zip(live, live_values))]:
             self._rows[key] = row
             self._rows.move_to_end(key)
         while len(self._rows) > self.max_entries:
@@ -108,5 +111,7 @@ class FeatureReader:
     def _from_snapshot(self, requests, rankings, live) -> FeatureRead:
         rows = [self._rows.get(key) for key in requests]
         ranked = [self._rankings.get(name, [])[:n] for name, n in rankings]
-        namespace = self._published.namespace if self._published else None
-        return FeatureRead(rows, ranked, namespace, self._empty_live(live), stale=True)
+        remembered = [self._rows.get(("live", item.key)) for item in live]
+        namespace, meta = (self._published.namespace, self._published.meta) if self._published else (None, {})
+        return FeatureRead(rows, ranked, namespace, [v[: item.n] if isinstance(v, list) else v for item, v in zip(live, remembered)],
+                           stale=True, meta=meta)

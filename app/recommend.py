@@ -153,14 +153,20 @@ def _exclude_idx(bundle: ModelBundle, features: UserFeatures) -> np.ndarray:
     return bundle.indices(features.exclude)
 
 
+def _per_request(n: int | Sequence[int], size: int) -> list[int]:
+    return [n] * size if isinstance(n, int) else list(n)
+
+
 def retrieve_cf(
-    batch: list[tuple[UserFeatures, np.ndarray | None]], bundle: ModelBundle | None, n: int
+    batch: list[tuple[UserFeatures, np.ndarray | None]], bundle: ModelBundle | None, n: int | Sequence[int]
 ) -> list[Retrieved]:
     """CF top-n for a batch of users: one (users x factors) @ (factors x items) product.
 
     Each entry carries the user's vector to use (the trained one, or a fresh fold-in computed
-    by the caller); users without one get no CF candidates.
+    by the caller); users without one get no CF candidates. `n` is one for all, or one per
+    request (an experiment variant may change it).
     """
+    n = _per_request(n, len(batch))
     out = [Retrieved([], np.empty(0)) for _ in batch]
     if bundle is None or bundle.item_factors is None:
         return out
@@ -170,13 +176,15 @@ def retrieve_cf(
     users = np.stack([np.asarray(batch[i][1], dtype=np.float32) for i in rows])
     scores = users @ bundle.item_factors.T
     for row, i in enumerate(rows):
-        idx, s = top_k(scores[row], n, _exclude_idx(bundle, batch[i][0]))
+        idx, s = top_k(scores[row], n[i], _exclude_idx(bundle, batch[i][0]))
         out[i] = Retrieved(bundle.track_ids[idx], s, idx, bundle.versions.get("content"))
     return out
 
 
-def retrieve_content(batch: list[UserFeatures], bundle: ModelBundle | None, n: int) -> list[Retrieved]:
-    """Nearest neighbours of each user's recent plays (centroid of unit-norm embeddings)."""
+def retrieve_content(batch: list[UserFeatures], bundle: ModelBundle | None, n: int | Sequence[int]) -> list[Retrieved]:
+    """Nearest neighbours of each user's recent plays (centroid of unit-norm embeddings); `n`
+    as in retrieve_cf."""
+    n = _per_request(n, len(batch))
     out = [Retrieved([], np.empty(0)) for _ in batch]
     if bundle is None:
         return out
@@ -195,7 +203,7 @@ def retrieve_content(batch: list[UserFeatures], bundle: ModelBundle | None, n: i
         return out
     sims = np.stack(centroids) @ bundle.embeddings.T
     for row, i in enumerate(rows):
-        idx, s = top_k(sims[row], n, _exclude_idx(bundle, batch[i]))
+        idx, s = top_k(sims[row], n[i], _exclude_idx(bundle, batch[i]))
         out[i] = Retrieved(bundle.track_ids[idx], s, idx, bundle.versions.get("content"))
     return out
 

@@ -50,14 +50,22 @@ class BackgroundRefresh:
         if self._thread.is_alive():
             self._thread.join(timeout_s)
 
+    def refresh_now(self) -> bool:
+        """One refresh on the caller's thread, its failure handled as a tick's is; whether it
+        worked. A replica's first refresh: it starts even if that fails (Redis down, an
+        artifact half written), serving what it can until a tick succeeds."""
+        try:
+            self.refresh()
+        except Exception:  # noqa: BLE001 - logged and counted; the next tick tries again
+            self.failures += 1
+            log.exception("background refresh %s failed; serving what was loaded before", self.name)
+            self._tell_failure()
+            return False
+        return True
+
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):
-            try:
-                self.refresh()
-            except Exception:  # noqa: BLE001 - logged and counted; the next tick tries again
-                self.failures += 1
-                log.exception("background refresh %s failed; serving what was loaded before", self.name)
-                self._tell_failure()
+            self.refresh_now()
 
     def _tell_failure(self) -> None:
         if self.on_failure is None:

@@ -93,11 +93,12 @@ def record_refresh_failure(name: str) -> None:
 def keep_fresh(refresh: Callable[[], object], interval_s: float, name: str):
     """What a replica calls in `__init__`: `refresh` now (so the first request finds it
     loaded), then every `interval_s` on a BackgroundRefresh whose failures are counted in
-    `refresh_failures`. Returns the started BackgroundRefresh."""
+    `refresh_failures`, the first one's included: a replica that cannot load yet starts
+    anyway and degrades rather than failing to start. Returns the started BackgroundRefresh."""
     from app.refresh import BackgroundRefresh
 
-    refresh()
     refresher = BackgroundRefresh(refresh, interval_s, name, on_failure=record_refresh_failure)
+    refresher.refresh_now()
     refresher.start()
     return refresher
 

@@ -59,7 +59,8 @@ class RecommendationPipeline:
         users = [r.user_id for r in requests]
         params = [r.params for r in requests]
         features = self.fetcher.fetch.remote(users)
-        blended = self.blender.blend.remote(features, self.cf.retrieve.remote(features), self.content.retrieve.remote(features), params)
+        cf, content = self.cf.retrieve.remote(features, params), self.content.retrieve.remote(features, params)
+        blended = self.blender.blend.remote(features, cf, content, params)
         try:
             answers = self.reranker.rerank.remote(blended, [r.k for r in requests], [r.request_id for r in requests], params)
             after_answer(record_batch, len(requests))  # once the calls above are on their way
@@ -84,8 +85,8 @@ class RecommendationPipeline:
         if features is None:
             # Preferences unknown: the safe side (app.prefs.prefs_or_safe).
             features = pack([UserFeatures(u, known=False, stale=True, prefs=prefs_or_safe(None)) for u in users])
-        cf = await self._stage("cf", self.cf.retrieve.remote(features), None)
-        content = await self._stage("content", self.content.retrieve.remote(features), None)
+        cf = await self._stage("cf", self.cf.retrieve.remote(features, params), None)
+        content = await self._stage("content", self.content.retrieve.remote(features, params), None)
         packed: Packed[list[Blended]] | None = await self._stage("blend", self.blender.blend.remote(features, cf, content, params), None)
         if packed is None:
             # The blend is where trending and popular come in; without it, the reranker's own

@@ -19,7 +19,7 @@ from app.config import Settings
 from app.models import ModelBundle
 from app.recommend import Retrieved, UserFeatures, retrieve_cf, retrieve_content
 from deployments.packed import Packed, pack, unpack
-from deployments.tuning import ModelServing
+from deployments.tuning import ModelServing, candidates_for
 
 
 def fold_in_vector(features: UserFeatures, bundle: ModelBundle, model, fresh_weight: float) -> np.ndarray | None:
@@ -66,16 +66,16 @@ class CFRetriever(ModelServing):
             self._fold = (bundle, model)
         return self._fold[1]
 
-    async def retrieve(self, packed: Packed[list[UserFeatures]]) -> Packed[list[Retrieved]]:
+    async def retrieve(self, packed: Packed[list[UserFeatures]], params: list[dict | None]) -> Packed[list[Retrieved]]:
         bundle, batch = self.models.get(), unpack(packed)
         if bundle is None:
             return pack([Retrieved([], np.empty(0)) for _ in batch])
         model = self._fold_in_model(bundle)
         pairs = [(f, fold_in_vector(f, bundle, model, self.serving.fresh_play_weight)) for f in batch]
-        return pack(retrieve_cf(pairs, bundle, self.serving.candidates))
+        return pack(retrieve_cf(pairs, bundle, candidates_for(self.serving, params)))
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
 class ContentRetriever(ModelServing):
-    async def retrieve(self, packed: Packed[list[UserFeatures]]) -> Packed[list[Retrieved]]:
-        return pack(retrieve_content(unpack(packed), self.models.get(), self.serving.candidates))
+    async def retrieve(self, packed: Packed[list[UserFeatures]], params: list[dict | None]) -> Packed[list[Retrieved]]:
+        return pack(retrieve_content(unpack(packed), self.models.get(), candidates_for(self.serving, params)))

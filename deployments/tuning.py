@@ -25,6 +25,15 @@ def apply_overrides(base: ServingSettings, overrides: dict | None) -> ServingSet
     return ServingSettings.model_validate({**base.model_dump(), **overrides})
 
 
+def candidates_for(base: ServingSettings, params: list[dict | None]) -> list[int]:
+    """Each request's candidates per source: an experiment variant may change how many (the
+    Blender validates the whole override; only the key read here is validated here)."""
+    return [
+        base.candidates if not p or "candidates" not in p else apply_overrides(base, {"candidates": p["candidates"]}).candidates
+        for p in params
+    ]
+
+
 class Tunable:
     def __init__(self, settings: Settings):
         self.settings = settings

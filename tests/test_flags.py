@@ -79,7 +79,7 @@ def stand_in():
         def fetch(self, user_ids):
             return user_ids
 
-        def retrieve(self, features):
+        def retrieve(self, features, params):
             return None
 
         def blend(self, features, cf, content, params):

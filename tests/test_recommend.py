@@ -96,6 +96,14 @@ def test_cf_retrieval_is_one_product_for_a_batch_and_excludes_heard():
     assert list(ra.track_ids) == ["t1", "t2", "t3"] and list(rc.track_ids) == ["t4", "t5", "t6"] and list(rd.track_ids) == []
 
 
+def test_each_request_of_a_batch_retrieves_its_own_number_of_candidates():
+    """An experiment variant may change `candidates` for its users only."""
+    b = bundle()
+    f = UserFeatures("u", True, cf_vector=np.ones(2), recent_tracks=["t0"])
+    assert [len(r.track_ids) for r in retrieve_cf([(f, f.cf_vector), (f, f.cf_vector)], b, [1, 3])] == [1, 3]
+    assert [len(r.track_ids) for r in retrieve_content([f, f], b, [2, 4])] == [2, 4]
+
+
 def test_content_retrieval_finds_neighbours_of_recent_plays():
     b = bundle()
     b.embeddings[1] = b.embeddings[0] * 0.8 + b.embeddings[1] * 0.2

@@ -35,6 +35,20 @@ def test_a_failing_refresh_is_retried_at_the_next_tick_and_stop_ends_the_thread(
     assert not refresher._thread.is_alive()  # joined: nothing is called after stop()
 
 
+def test_a_first_refresh_that_fails_is_counted_and_does_not_raise():
+    """A replica calls refresh_now in __init__: one that cannot load yet (Redis down) must
+    still start, and the failure is counted as a tick's would be."""
+    told = []
+
+    def refresh():
+        raise ConnectionError("redis down")
+
+    refresher = BackgroundRefresh(refresh, interval_s=60, name="experiments", on_failure=told.append)
+    assert refresher.refresh_now() is False
+    assert refresher.failures == 1 and told == ["experiments"]
+    assert BackgroundRefresh(lambda: None, interval_s=60, name="x").refresh_now() is True
+
+
 def test_an_interval_that_is_not_positive_is_refused():
     with pytest.raises(ValueError, match="interval_s"):
         BackgroundRefresh(lambda: None, interval_s=0, name="x")

@@ -52,11 +52,11 @@ class Stages:
         self._check("fetch")
         return pack([UserFeatures(u, known=True) for u in users])
 
-    async def cf(self, packed):
+    async def cf(self, packed, params):
         self._check("cf")
         return pack([Retrieved(["t1", "t2"], np.array([2.0, 1.0])) for _ in unpack(packed)])
 
-    async def content(self, packed):
+    async def content(self, packed, params):
         self._check("content")
         return pack([Retrieved(["t3"], np.array([1.0])) for _ in unpack(packed)])
 

@@ -11,6 +11,8 @@ groupby shuffle. The statistics, guardrails and decision are plain functions
 (app/experiments/). The report goes to
 `<state_dir>/reports/experiments/<name>/<timestamp>/report.{json,html}`; with
 `experiments.auto_rollback`, a critical breach sets the variant's kill switch in Redis.
+Events count until the experiment's stop or their variant's kill; a variant killed before is
+reported up to its kill and not decided on again.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from app.config import Settings
 from app.experiments.definitions import Experiment
 from app.experiments.evaluation import evaluate
 from app.experiments.guardrails import decide
-from app.experiments.metrics import DAY_MS, MetricsAccumulator, UserMetrics, combine_exposures, exposures_in_parquet, merge_partials
+from app.experiments.metrics import DAY_MS, MetricsAccumulator, UserMetrics, attribution_ends, combine_exposures, exposures_in_parquet, merge_partials
 from app.experiments.registry import ExperimentRegistry
 from app.experiments.report import report_html, report_json
 from app.parquet_pieces import item_parts, plan_items, read_plan
@@ -70,8 +72,15 @@ def event_paths(events_dir: Path, since_ms: int | None) -> list[str]:
 
 
 def compute_user_metrics(
-    paths: list[str], experiment: Experiment, catalogue: Path | None, pre_period_ms: int, cpus: float = 1.0, rows_per_task: int = 2_000_000
+    paths: list[str],
+    experiment: Experiment,
+    catalogue: Path | None,
+    pre_period_ms: int,
+    cpus: float = 1.0,
+    rows_per_task: int = 2_000_000,
+    end_ms: dict[str, int] | None = None,
 ) -> UserMetrics:
+    """`end_ms`: per variant, when its attribution window closes (`attribution_ends`)."""
     import ray
 
     # Tasks, not actors: nothing to set up per worker, and no actor start-up on small jobs.
@@ -82,7 +91,7 @@ def compute_user_metrics(
     exposure_frames = pieces.map_batches(
         _exposure_pieces, fn_kwargs={"experiment": experiment.name}, batch_format="pyarrow", batch_size=1, num_cpus=cpus
     ).to_pandas()
-    exposures = combine_exposures([exposure_frames] if len(exposure_frames.columns) else [], [v.name for v in experiment.variants])
+    exposures = combine_exposures([exposure_frames] if len(exposure_frames.columns) else [], [v.name for v in experiment.variants], end_ms)
     log.info("%d exposed users (%d in more than one variant, excluded)", exposures.n_users, exposures.conflicting_users)
     track_ids, genres = load_catalogue(catalogue)
     acc = MetricsAccumulator(exposures, experiment.name, track_ids, genres, pre_period_ms)
@@ -121,8 +130,10 @@ def evaluate_experiment(
         raise FileNotFoundError(f"no event Parquet under {events_dir or settings.paths.events_dir}")
     if catalogue is None:
         catalogue = settings.paths.world_dir / "tracks.parquet"
-    users = compute_user_metrics(paths, experiment, catalogue, pre_ms)
-    evaluation = evaluate(users, experiment, cfg.alpha, cfg.correction, cfg.srm_p_value)
+    killed_at = registry.killed_at(experiment)
+    ends = attribution_ends([v.name for v in experiment.variants], experiment.stopped_at_ms, killed_at)
+    users = compute_user_metrics(paths, experiment, catalogue, pre_ms, end_ms=ends)
+    evaluation = evaluate(users, experiment, cfg.alpha, cfg.correction, cfg.srm_p_value, killed=set(killed_at))
     decisions = decide(evaluation, experiment)
     rolled_back = []
     for d in decisions:

@@ -98,6 +98,13 @@ def test_critical_breach_rolls_back_and_serving_stops_assigning_the_variant(serv
     skip = next(m for m in doc["metrics"] if m["metric"] == "skip_rate")
     assert skip["treatment_value"] == pytest.approx(local.arm("treatment", "skips").sum() / local.arm("treatment", "plays").sum(), rel=1e-12)
 
+    # A later run reports the rolled-back variant only up to its kill (the simulated week lies
+    # after it: nothing of the treatment is left) and neither decides on nor kills it again.
+    kill = registry.killed()["skips/treatment"]
+    again = evaluate_experiment(settings, "skips", registry, events_dir=events_dir, catalogue=tmp_path / "tracks.parquet", out_dir=tmp_path / "report2")
+    assert again["decisions"] == {} and again["rolled_back"] == [] and registry.killed()["skips/treatment"] == kill
+    assert again["users"]["control"] == local.users("control") and again["users"]["treatment"] < local.users("treatment")
+
     # The running app stops assigning the killed variant; control users stay in the experiment.
     # Until the replicas' refresh has read the kill switch.
     after = poll(lambda: _variants(api, users), lambda a: all(a[u] is None for u in users if before[u] == "treatment"), 500)

@@ -87,6 +87,8 @@ class AssignmentCache:
 
     When the snapshot cannot be read the cache fails closed (no assignments): a replica that
     cannot see the kill switch must not keep serving a variant that may have been killed.
+    `refresh` then raises, so that a BackgroundRefresh counts the failure; the inline check
+    of `assign` does not, since a request must not fail for it.
     """
 
     def __init__(self, load: Callable[[], tuple[list[Experiment], set[str]]], refresh_interval_s: float, clock=time.monotonic):
@@ -100,17 +102,25 @@ class AssignmentCache:
 
     def refresh_if_stale(self) -> None:
         if self.clock() - self._loaded_at >= self.refresh_interval_s:
-            self.refresh()
+            self._load()  # a failure is logged and fails closed; the request goes on with defaults
 
     def refresh(self) -> None:
         """Re-reads the definitions now: a replica calls this from a BackgroundRefresh
-        (app/refresh.py) and builds the cache with `refresh_interval_s=inf`."""
+        (app/refresh.py) and builds the cache with `refresh_interval_s=inf`. Raises what the
+        read raised, after failing closed."""
+        error = self._load()
+        if error is not None:
+            raise error
+
+    def _load(self) -> Exception | None:
         self._loaded_at = self.clock()
         try:
             self.snapshot = self.load()
         except Exception as exc:  # noqa: BLE001 - any failure to read means: assign nobody
             log.warning("cannot read experiment definitions, assigning nobody: %s", exc)
             self.snapshot = ([], set())
+            return exc
+        return None
 
     def assign(self, user_id: str) -> list[Assignment]:
         self.refresh_if_stale()

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from app.config import ServingSettings
+from app.experiments.metrics import DESCRIPTIVE_METRICS, HIGHER_IS_BETTER
 
 Name = str
 NAME_PATTERN = r"^[A-Za-z0-9_.\-]{1,64}$"
@@ -28,6 +29,14 @@ Severity = Literal["info", "warning", "critical"]
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def known_metric(name: str) -> str:
+    """A metric the evaluator reports, else a ValueError listing them: a misspelt name would
+    otherwise match nothing, and its guardrail would never fire."""
+    if name not in HIGHER_IS_BETTER:
+        raise ValueError(f"unknown metric {name!r}; known: {sorted(HIGHER_IS_BETTER)}")
+    return name
 
 
 class ServingOverrides(_Strict):
@@ -73,10 +82,17 @@ class Guardrail(_Strict):
     min: float | None = None
     tolerance: float = Field(0.0, ge=0)
 
+    @field_validator("metric")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        return known_metric(name)
+
     @model_validator(mode="after")
     def _limits(self) -> "Guardrail":
         if self.kind == "threshold" and self.max is None and self.min is None:
             raise ValueError("a threshold guardrail needs max or min")
+        if self.kind != "threshold" and self.metric in DESCRIPTIVE_METRICS:
+            raise ValueError(f"{self.metric} is descriptive (never tested): only a threshold guardrail can watch it")
         return self
 
 
@@ -109,6 +125,14 @@ class Experiment(_Strict):
     """Layer buckets [start, end) owned while running; set by `start`."""
     started_at_ms: int | None = None
     stopped_at_ms: int | None = None
+
+    @field_validator("primary_metric")
+    @classmethod
+    def _primary(cls, name: str) -> str:
+        known_metric(name)
+        if name in DESCRIPTIVE_METRICS:
+            raise ValueError(f"{name} is descriptive (never tested) and cannot decide a ship; tested: {sorted(set(HIGHER_IS_BETTER) - DESCRIPTIVE_METRICS)}")
+        return name
 
     @model_validator(mode="after")
     def _variants(self) -> "Experiment":

@@ -5,6 +5,7 @@
   warning or critical breach, a clean sample ratio, and every degradation guardrail's
   interval inside its tolerance (non-inferiority shown, not merely harm not shown).
 - Anything else keeps running, saying what is missing.
+- A variant rolled back before gets no decision: its data stop at the kill.
 
     decisions = decide(evaluation, experiment)
 """
@@ -50,9 +51,20 @@ def _pct(x: float) -> str:
     return "n/a" if x is None or math.isnan(x) else f"{x:+.2%}"
 
 
-def _interval(r: MetricResult) -> str:
+def _rel_ci(r: MetricResult) -> tuple[float, float]:
+    """The relative lift's interval: the log-ratio one, or where that does not exist (an arm's
+    mean is 0, as when a treatment breaks completely) the absolute interval over the control's
+    value, so that a collapse to zero reads as about -100% rather than as nothing known."""
     c = r.comparison
-    return f"{_pct(c.rel_lift)} [{_pct(c.rel_ci[0])}, {_pct(c.rel_ci[1])}]"
+    lo, hi = c.rel_ci
+    if (math.isnan(lo) or math.isnan(hi)) and c.control:
+        return c.abs_ci[0] / abs(c.control), c.abs_ci[1] / abs(c.control)
+    return lo, hi
+
+
+def _interval(r: MetricResult) -> str:
+    lo, hi = _rel_ci(r)
+    return f"{_pct(r.comparison.rel_lift)} [{_pct(lo)}, {_pct(hi)}]"
 
 
 def check(guardrail: Guardrail, r: MetricResult | None, alpha: float) -> tuple[Breach | None, bool]:
@@ -61,6 +73,9 @@ def check(guardrail: Guardrail, r: MetricResult | None, alpha: float) -> tuple[B
     if r is None:
         return None, False
     name, sev = guardrail.metric, guardrail.severity
+    if r.collapsed:
+        why = r.note.removeprefix("not tested: ")
+        return Breach(r.variant, name, guardrail.kind, sev, f"{name} cannot be measured any more: {why}"), False
     if guardrail.kind == "threshold":
         value = r.treatment_value
         if value is None or math.isnan(value):
@@ -71,16 +86,23 @@ def check(guardrail: Guardrail, r: MetricResult | None, alpha: float) -> tuple[B
             return Breach(r.variant, name, "threshold", sev, f"{name} is {value:g}, below the limit {guardrail.min:g}"), False
         return None, True
     c = r.comparison
-    if c is None or math.isnan(c.rel_ci[0]):
+    if c is None:
         return None, False
-    # Harm in the metric's bad direction, expressed so that larger is worse.
-    worst, best = (-c.rel_ci[0], -c.rel_ci[1]) if r.higher_is_better else (c.rel_ci[1], c.rel_ci[0])
     if guardrail.kind == "degradation":
-        if best > guardrail.tolerance:
+        (lo, hi), limit = _rel_ci(r), guardrail.tolerance
+        if math.isnan(lo) or math.isnan(hi):  # no relative scale (control 0): tolerance x 0 in the metric's units
+            (lo, hi), limit = c.abs_ci, guardrail.tolerance * abs(c.control)
+        if math.isnan(lo) or math.isnan(hi):
+            return None, False
+        # Harm in the metric's bad direction, expressed so that larger is worse.
+        worst, best = (-lo, -hi) if r.higher_is_better else (hi, lo)
+        if best > limit:
             return Breach(r.variant, name, "degradation", sev, f"{name} worse by more than {guardrail.tolerance:.0%} with confidence: lift {_interval(r)}"), False
-        return None, worst <= guardrail.tolerance
-    harmful = (c.abs_lift < 0) == r.higher_is_better and c.abs_lift != 0
+        return None, worst <= limit
     p = c.p_adjusted if c.p_adjusted is not None else c.p_value
+    if math.isnan(p):
+        return None, False
+    harmful = (c.abs_lift < 0) == r.higher_is_better and c.abs_lift != 0
     if harmful and p < alpha:
         return Breach(r.variant, name, "statistical", sev, f"{name} significantly worse: lift {_interval(r)}, adjusted p={p:.3g}"), False
     return None, True
@@ -90,6 +112,8 @@ def decide(evaluation: Evaluation, experiment: Experiment, power: float = 0.8) -
     out = []
     alpha = evaluation.alpha
     for variant in experiment.treatments:
+        if variant in evaluation.killed:  # rolled back already: nothing left to decide
+            continue
         breaches, unsafe = [], []
         for g in experiment.guardrails:
             breach, safe = check(g, evaluation.get(variant, g.metric), alpha)
@@ -97,8 +121,8 @@ def decide(evaluation: Evaluation, experiment: Experiment, power: float = 0.8) -
                 breaches.append(breach)
             elif not safe and g.kind == "degradation":
                 unsafe.append(g.metric)
-        if evaluation.srm.mismatch(0.001):
-            breaches.append(Breach(variant, "users", "srm", "warning", evaluation.notes[-1] if evaluation.notes else "sample ratio mismatch"))
+        if evaluation.srm_mismatch:
+            breaches.append(Breach(variant, "users", "srm", "warning", evaluation.srm_message()))
         worst = max((SEVERITY_ORDER[b.severity] for b in breaches), default=-1)
         primary = evaluation.get(variant, experiment.primary_metric)
         n = f"{evaluation.users.get(experiment.control, 0)} control / {evaluation.users.get(variant, 0)} {variant} users"

@@ -2,8 +2,10 @@
 
 An exposure is an impression event carrying the experiment; a user belongs to the variant of
 their exposures from their first exposure on (users seen in two variants are dropped and
-counted). Every event of an exposed user is then attributed: from the first exposure on it
-counts towards the experiment, in the `pre_period_ms` before it towards the CUPED covariate.
+counted). Every event of an exposed user is then attributed: from the first exposure until
+their variant's window closes (the experiment's stop or the variant's kill, after which they
+get the defaults) it counts towards the experiment, in the `pre_period_ms` before the first
+exposure towards the CUPED covariate.
 
 The work is split so that Ray Data can run it per batch: `MetricsAccumulator.add(table)` on
 any slice of the events (`add_parquet` on a piece of a file), `merge_partials` of the partial
@@ -43,6 +45,13 @@ HIGHER_IS_BETTER = {
 }
 """Every metric the evaluator reports, and which direction is good."""
 
+DESCRIPTIVE_METRICS = frozenset({"latency_p95_ms", "coverage"})
+"""Reported per variant but never tested (one figure per arm, no per-user values): only a
+threshold guardrail can watch them."""
+
+NO_END = np.iinfo(np.int64).max
+"""The window end of a variant still running."""
+
 EXPOSURE_COLUMNS = ["user_id", "event_type", "timestamp", "experiment", "variant"]
 EVENT_COLUMNS = ["user_id", "track_id", "event_type", "timestamp", "duration_ms", "position", "recommendation_id", "experiment", "session_id"]
 DICTIONARY_COLUMNS = ["user_id", "track_id", "event_type", "recommendation_id", "experiment", "session_id"]
@@ -60,10 +69,27 @@ class Exposures:
     variant_idx: np.ndarray
     first_ms: np.ndarray
     conflicting_users: int = 0
+    end_ms: np.ndarray | None = None
+    """Per variant, when its attribution window closes (`attribution_ends`); None: all open."""
 
     @property
     def n_users(self) -> int:
         return len(self.user_ids)
+
+    def window_ends(self) -> np.ndarray:
+        return self.end_ms if self.end_ms is not None else np.full(len(self.variants), NO_END, np.int64)
+
+
+def attribution_ends(variants: list[str], stopped_at_ms: int | None, killed_at_ms: dict[str, int | None]) -> dict[str, int]:
+    """Per variant, when its attribution window closes: the experiment's stop or the variant's
+    kill, whichever came first; a variant with neither is left out (still open). After it the
+    users get the defaults, so their events say nothing more about the variant."""
+    out = {}
+    for v in variants:
+        times = [t for t in (stopped_at_ms, killed_at_ms.get(v)) if t is not None]
+        if times:
+            out[v] = min(times)
+    return out
 
 
 def exposure_partial(table: pa.Table, experiment: str) -> pd.DataFrame:
@@ -106,11 +132,15 @@ def _stable_hashes(strings: pa.Array) -> np.ndarray:
     return pd.util.hash_array(np.asarray(strings.to_numpy(zero_copy_only=False), dtype=object), categorize=False).view(np.int64)
 
 
-def combine_exposures(partials: list[pd.DataFrame], variants: list[str]) -> Exposures:
-    """One row per exposed user; users exposed to two variants are dropped (counted)."""
+def combine_exposures(partials: list[pd.DataFrame], variants: list[str], end_ms: dict[str, int] | None = None) -> Exposures:
+    """One row per exposed user; users exposed to two variants are dropped (counted). A user
+    first exposed once their variant's window had closed (`end_ms`, from `attribution_ends`:
+    replicas see a stop or kill only at their next refresh) is not in the experiment."""
+    ends = np.array([(end_ms or {}).get(v, NO_END) for v in variants], np.int64)
     df = pd.concat(partials, ignore_index=True) if partials else pd.DataFrame(columns=["user_id", "variant", "first_ms", "exposures"])
     df = df[df["variant"].isin(variants)]
     df = df.groupby(["user_id", "variant"], as_index=False)["first_ms"].min()
+    df = df[df["first_ms"].to_numpy(np.int64) < ends[df["variant"].map({v: i for i, v in enumerate(variants)}).to_numpy(np.int64)]]
     n_variants = df.groupby("user_id")["variant"].transform("size")
     conflicting = int(df.loc[n_variants > 1, "user_id"].nunique())
     df = df[n_variants == 1].sort_values("user_id", kind="mergesort")
@@ -120,6 +150,7 @@ def combine_exposures(partials: list[pd.DataFrame], variants: list[str]) -> Expo
         variant_idx=df["variant"].map({v: i for i, v in enumerate(variants)}).to_numpy(np.int64),
         first_ms=df["first_ms"].to_numpy(np.int64),
         conflicting_users=conflicting,
+        end_ms=ends,
     )
 
 
@@ -264,7 +295,9 @@ class MetricsAccumulator:
         ts, has_ts = epoch_ms(table["timestamp"])
         ts, has_ts = pick(ts), pick(has_ts)
         first = self.exposures.first_ms[u]
-        post, pre = has_ts & (ts >= first), has_ts & (ts < first) & (ts >= first - self.pre_period_ms)
+        variant = self.exposures.variant_idx[u]
+        end = self.exposures.window_ends()[variant]
+        post, pre = has_ts & (ts >= first) & (ts < end), has_ts & (ts < first) & (ts >= first - self.pre_period_ms)
         etype = pick(_lookup(table["event_type"], list(EVENT_TYPES)))
         in_exp = pick(_lookup(table["experiment"], [self.experiment])) == 0
         duration = pick(np.asarray(table["duration_ms"].fill_null(0), dtype=np.float64))
@@ -289,7 +322,6 @@ class MetricsAccumulator:
             out.sessions = _unique_pairs(u[play_post], session_hash[play_post])
             out.pre_sessions = _unique_pairs(u[play_pre], session_hash[play_pre])
 
-        variant = self.exposures.variant_idx[u]
         # One latency per request: the first item's impression carries the serving time.
         first_item = impression & (pick(np.asarray(table["position"].fill_null(-1), dtype=np.int64)) == 0)
         lat = np.clip(duration[first_item], 0, MAX_LATENCY_MS).astype(np.int64)

@@ -19,7 +19,7 @@ from typing import Callable
 import redis
 from pydantic import ValidationError
 
-from app.experiments.definitions import LAYER_BUCKETS, Experiment
+from app.experiments.definitions import LAYER_BUCKETS, Experiment, override_dict
 from app.keys import Keys
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,27 @@ def free_range(taken: list[tuple[int, int]], width: int) -> tuple[int, int] | No
             return start, start + width
         start = max(start, hi)
     return (start, start + width) if LAYER_BUCKETS - start >= width else None
+
+
+def start_conflict(exp: Experiment, running: list[Experiment]) -> str | None:
+    """Why `exp` must not start beside the running experiments, or None.
+
+    - The same salt: the variant hash depends on the salt alone, so two experiments sharing
+      one split their users identically, and across layers one's treatment group would be
+      the other's; neither effect could be told apart.
+    - An override key that a running experiment in another layer also sets: a user in both
+      would get only one of them (assignment.merged_params) while labelled with both.
+    """
+    keys = {k for v in exp.variants for k in override_dict(v.params)}
+    for other in running:
+        if other.name == exp.name:
+            continue
+        if other.hash_salt == exp.hash_salt:
+            return f"experiment {exp.name!r} hashes users with salt {exp.hash_salt!r}, as running experiment {other.name!r} does; set another salt"
+        clash = sorted(keys & {k for v in other.variants for k in override_dict(v.params)}) if other.layer != exp.layer else []
+        if clash:
+            return f"experiment {exp.name!r} overrides {clash}, as running experiment {other.name!r} in layer {other.layer!r} does; a user in both would get only one"
+    return None
 
 
 def parse_definitions(raw: dict) -> tuple[list[Experiment], dict[str, str]]:
@@ -109,6 +130,9 @@ class ExperimentRegistry:
         def claim(exp: Experiment, all_: list[Experiment]) -> Experiment:
             if exp.status != "draft":
                 raise ExperimentError(f"experiment {name!r} is {exp.status}; only a draft can start")
+            conflict = start_conflict(exp, [e for e in all_ if e.status == "running"])
+            if conflict:
+                raise ExperimentError(conflict)
             taken = [e.buckets for e in all_ if e.layer == exp.layer and e.status == "running" and e.buckets]
             buckets = free_range(taken, max(1, round(exp.traffic * LAYER_BUCKETS)))
             if buckets is None:
@@ -122,13 +146,22 @@ class ExperimentRegistry:
         return self._update(name, lambda exp, _: exp.model_copy(update={"status": "stopped", "stopped_at_ms": _now_ms()}))
 
     def kill(self, experiment: str, variant: str, reason: str) -> None:
-        """Stop assigning one variant (automatic rollback); its users fall back to defaults."""
-        self.client.hset(self.keys.experiment_kills(), kill_field(experiment, variant), json.dumps({"reason": reason, "at_ms": _now_ms()}))
-        log.warning("killed variant %s of experiment %s: %s", variant, experiment, reason)
+        """Stop assigning one variant (automatic rollback); its users fall back to defaults.
+        A second kill keeps the first one's time: the variant's data end there."""
+        if self.client.hsetnx(self.keys.experiment_kills(), kill_field(experiment, variant), json.dumps({"reason": reason, "at_ms": _now_ms()})):
+            log.warning("killed variant %s of experiment %s: %s", variant, experiment, reason)
+        else:
+            log.info("variant %s of experiment %s was killed already", variant, experiment)
 
     def killed(self) -> dict[str, dict]:
         raw = self.client.hgetall(self.keys.experiment_kills())
         return {k.decode(): json.loads(v) for k, v in raw.items()}
+
+    def killed_at(self, experiment: Experiment) -> dict[str, int | None]:
+        """The experiment's killed variants and when each was killed (epoch ms; None if the
+        entry carries no time)."""
+        killed = self.killed()
+        return {v.name: killed[f].get("at_ms") for v in experiment.variants if (f := kill_field(experiment.name, v.name)) in killed}
 
     def snapshot(self) -> tuple[list[Experiment], set[str]]:
         """Running experiments and killed variants, in one round trip."""

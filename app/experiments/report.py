@@ -40,7 +40,7 @@ def report_json(evaluation: Evaluation, decisions: list[Decision], users: UserMe
             "correction": evaluation.correction,
             "users": evaluation.users,
             "conflicting_users": evaluation.conflicting_users,
-            "srm": {"observed": evaluation.srm.observed, "expected": evaluation.srm.expected, "chi2": evaluation.srm.chi2, "p_value": evaluation.srm.p_value},
+            "srm": {"arms": evaluation.srm_arms, "observed": evaluation.srm.observed, "expected": evaluation.srm.expected, "chi2": evaluation.srm.chi2, "p_value": evaluation.srm.p_value},
             "cuped": users.has_pre_period,
             "decisions": [d.to_dict() for d in decisions],
             "metrics": [r.to_dict() for r in evaluation.results],

@@ -401,6 +401,21 @@ class ServingSettings(Strict):
         return self.segment_weights.get(segment, self.source_weights)
 
 
+def variant_weights(base: ServingSettings, overrides: dict) -> dict:
+    """`overrides` with an experiment variant's `source_weights` read as changes to the weights
+    it names, for every segment; the sources it does not name keep their configured weights.
+    Taken literally, a variant's weights replaced `source_weights` only, which the configured
+    `segment_weights` override for new and heavy listeners: only casual ones saw the variant
+    while all were counted as treated, and a source it left out (new_releases) lost its weight.
+    `segment_weights` given as well (as the flags give them) replace the segments' weights whole."""
+    changed = overrides.get("source_weights")
+    if not changed:
+        return overrides
+    merged = {**overrides, "source_weights": {**base.source_weights, **changed}}
+    merged.setdefault("segment_weights", {segment: {**w, **changed} for segment, w in base.segment_weights.items()})
+    return merged
+
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -33,7 +33,7 @@ from app.recommend import (
 from app.redis_server import connect
 from app.schemas import RecommendationResponse
 from deployments.packed import Packed, pack, unpack
-from deployments.tuning import ModelServing, apply_overrides
+from deployments.tuning import ModelServing, for_request
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
@@ -77,7 +77,7 @@ class Blender(ModelServing):
             f.stale = f.stale or self.lists.stale
         shared = self._shared_candidates(lists, bundle)
         return pack([
-            blend_candidates(f, bundle, apply_overrides(self.serving, p), cf=c, content=t, shared=shared)
+            blend_candidates(f, bundle, for_request(self.serving, p), cf=c, content=t, shared=shared)
             for f, c, t, p in zip(features, cf, content, params)
         ])
 
@@ -103,7 +103,7 @@ class Reranker(ModelServing):
         bundle = self.models.get()
         blended = unpack(packed_blended)
         return [
-            self._response(b, rerank_candidates(b, bundle, n, apply_overrides(self.serving, p)), rid)
+            self._response(b, rerank_candidates(b, bundle, n, for_request(self.serving, p)), rid)
             for b, n, rid, p in zip(blended, k, request_id, params)
         ]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 
 from app.artifacts import ArtifactStore
-from app.config import ServingSettings, Settings
+from app.config import ServingSettings, Settings, variant_weights
 from app.models import ModelCache
 from deployments.metrics import keep_fresh
 
@@ -23,6 +23,12 @@ def apply_overrides(base: ServingSettings, overrides: dict | None) -> ServingSet
     if not overrides:
         return base
     return ServingSettings.model_validate({**base.model_dump(), **overrides})
+
+
+def for_request(base: ServingSettings, params: dict | None) -> ServingSettings:
+    """A request's settings: `base` with its experiment variant's and the flags' overrides,
+    a variant's weights applying to every segment (app.config.variant_weights)."""
+    return apply_overrides(base, variant_weights(base, params) if params else params)
 
 
 def candidates_for(base: ServingSettings, params: list[dict | None]) -> list[int]:

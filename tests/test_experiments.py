@@ -77,6 +77,18 @@ def test_a_layer_refuses_an_experiment_it_has_no_room_for(registry):
     assert registry.start("b").buckets == (0, 500)  # a stopped experiment frees its traffic
 
 
+def test_a_variants_weights_reach_every_segment_and_leave_the_sources_it_does_not_name():
+    """A variant's source_weights change the weights it names for new, casual and heavy
+    listeners alike (every treated user is counted as treated); the others keep theirs."""
+    from deployments.tuning import for_request
+
+    defaults = ServingSettings()
+    for served in (apply_overrides(defaults, {"source_weights": {"cf": 2.0}}), for_request(defaults, {"source_weights": {"cf": 2.0}})):
+        for segment in ("new", "casual", "heavy"):
+            assert served.weights_for(segment) == {**defaults.weights_for(segment), "cf": 2.0}
+    assert apply_overrides(defaults, {"source_weights": {"new_releases": 0.0}}).weights_for("heavy")["new_releases"] == 0.0
+
+
 def test_bad_overrides_are_refused_at_creation_and_ignored_when_serving(registry, redis_client):
     with pytest.raises(ValueError, match="mmr_lambda"):
         experiment(mmr_lambda=3.0)

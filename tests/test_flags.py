@@ -16,7 +16,7 @@ import pytest
 from app.config import ServingSettings, Settings, settings_from_args
 from app.flags import non_personalised_overrides, with_flags
 from app.recommend import Retrieved, UserFeatures, blend_candidates, rerank_candidates
-from deployments.tuning import apply_overrides
+from deployments.tuning import apply_overrides, for_request
 from tests.test_recommend import NOW, bundle
 
 
@@ -52,6 +52,8 @@ def test_hybrid_off_overrides_an_experiment_variant_and_keeps_hygiene():
     params = with_flags({"mmr_lambda": 0.5, "source_weights": {"cf": 2.0}}, serving, hybrid_reco=False)
     assert params["mmr_lambda"] == 0.5  # diversity and caps are not personalisation: kept
     assert set(params["source_weights"]) == {"trending", "popular"}
+    served = for_request(serving, params)  # what the Blender blends with, every segment
+    assert all(served.weights_for(s) == params["source_weights"] for s in ("new", "casual", "heavy"))
     assert with_flags({"mmr_lambda": 0.5}, serving, hybrid_reco=True) == {"mmr_lambda": 0.5}
     # Even a config that gives trending and popular no weight still answers something.
     zero = ServingSettings(source_weights={"cf": 1.0})

@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from app.config import ServingSettings
+from app.config import SOURCES, ServingSettings, variant_weights
 from app.experiments.metrics import DESCRIPTIVE_METRICS, HIGHER_IS_BETTER
 
 Name = str
@@ -50,7 +50,7 @@ class ServingOverrides(_Strict):
     @model_validator(mode="after")
     def _weights(self) -> "ServingOverrides":
         if self.source_weights is not None:
-            known = {"cf", "content", "trending", "popular"}
+            known = set(SOURCES)
             unknown = sorted(set(self.source_weights) - known)
             if unknown:
                 raise ValueError(f"source_weights: unknown sources {unknown}; known: {sorted(known)}")
@@ -170,7 +170,7 @@ def apply_overrides(serving: ServingSettings, params: dict[str, Any] | None) -> 
     if not params:
         return serving
     try:
-        checked = override_dict(ServingOverrides.model_validate(params))
+        checked = variant_weights(serving, override_dict(ServingOverrides.model_validate(params)))
         return ServingSettings.model_validate({**serving.model_dump(), **checked})
     except ValidationError as exc:
         raise ValueError(f"invalid serving overrides {params}: {exc.errors()[0]['msg']}") from None

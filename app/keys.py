@@ -14,7 +14,8 @@ node shares a tag:
   one slot; on a cluster `redis.stream_key` and `redis.dead_letter_key` must carry the
   `{events}` tag too (settings validation says so). Throughput is bounded by one stream on one
   node anyway; scaling ingest past it means several streams, each with its own tag.
-- `{export}`: the export cursor and the in-flight range, committed in one MULTI.
+- `{export}`: the export cursor, the in-flight range and the export lock: the commit script
+  checks the lock and moves the cursor in one step.
 - `{trending}` (app/trending/lists.py): every published list, swapped by RENAME in one MULTI.
 - `{<user_id>}` per listener for push: a device's subscription and the listener's profile are
   stored in one MULTI.
@@ -102,6 +103,10 @@ class Keys:
     def track_counters(self, track_id: str) -> str:
         """Online hash of a track's event counts by event type (the consumer keeps it)."""
         return f"{self.prefix}:{{{INGEST_TAG}}}:track:{track_id}"
+
+    def export_lock(self) -> str:
+        """Held by the export run in progress (jobs/export_events.py): one run at a time."""
+        return f"{self.prefix}:{{export}}:lock"
 
     def export_inflight(self) -> str:
         """Id range of the chunk being exported; a re-run after a crash redoes exactly it."""

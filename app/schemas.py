@@ -17,6 +17,11 @@ SCHEMA_VERSION = 1
 
 Id = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:\-]+$")]
 
+INT64_MAX = 2**63 - 1
+Count = Annotated[int, Field(ge=0, le=INT64_MAX)]
+"""A non-negative integer that fits the Parquet export's int64 columns: a larger one would be
+accepted here and then fail every export run (jobs/export_events.py)."""
+
 
 class EventType(str, Enum):
     play = "play"
@@ -33,6 +38,13 @@ def parse_timestamp(value: Any) -> datetime:
     """ISO 8601 (with or without zone; naive means UTC) or epoch milliseconds."""
     if isinstance(value, bool):
         raise ValueError("timestamp must be ISO 8601 or epoch milliseconds")
+    try:
+        return _parse_timestamp(value)
+    except (OverflowError, OSError):  # pydantic reports only ValueError as the field's error
+        raise ValueError("timestamp out of range (years 1 to 9999 in UTC)") from None
+
+
+def _parse_timestamp(value: Any) -> datetime:
     if isinstance(value, (int, float)):
         return datetime.fromtimestamp(value / 1000.0, tz=timezone.utc)
     if isinstance(value, datetime):
@@ -57,12 +69,12 @@ class Event(BaseModel):
     track_id: Id
     event_type: EventType
     timestamp: datetime
-    position: int | None = Field(None, ge=0)
+    position: Count | None = None
     recommendation_id: str | None = Field(None, max_length=128)
     experiment: str | None = Field(None, max_length=128)
     variant: str | None = Field(None, max_length=128)
     playlist_id: str | None = Field(None, max_length=128)
-    duration_ms: int | None = Field(None, ge=0)
+    duration_ms: Count | None = None
     session_id: str | None = Field(None, max_length=128)
     device_type: str | None = Field(None, max_length=32)
     locale: str | None = Field(None, max_length=35)

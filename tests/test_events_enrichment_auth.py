@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 
 from app.config import AuthSettings, GatewaySettings, RateLimitSettings, ScopeLimit
 from app.events.auth import ApiKeyStore, RequestGuard, api_key_dependency, required_scope
-from app.events.enrichment import RequestContext, device_type, preferred_locale
+from app.events.enrichment import RequestContext, device_type, normalise_locale, preferred_locale
 from app.events.ingest import EventIngestor, StorageUnavailable
 from app.events.rate_limit import RateDecision, TokenBucketLimiter
 from app.events.stream import EventStream
@@ -40,6 +40,11 @@ def ingestor(client) -> EventIngestor:
         ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 Chrome/120 Safari/537.36", "desktop"),
         ("Mozilla/5.0 (SMART-TV; Linux; Tizen 6.0) AppleWebKit/537.36 SamsungBrowser/4.0 TV Safari/537.36", "tv"),
         ("Roku/DVP-12.0 (12.0.0.4182-88)", "tv"),
+        ("Mozilla/5.0 (Linux; Android 9; AFTMM Build/PS7633) AppleWebKit/537.36 Chrome/120 Safari/537.36", "tv"),
+        ("Mozilla/5.0 (Linux; Android 11; AFTKA Build/RS8149) AppleWebKit/537.36 Chrome/120 Safari/537.36", "tv"),
+        ("Mozilla/5.0 (Linux; Android 9; AFTSSS Build/PS7633) AppleWebKit/537.36 Chrome/120 Safari/537.36", "tv"),
+        ("Mozilla/5.0 (Linux; Android 7.1.2; AFTT Build/NS6296) AppleWebKit/537.36 Chrome/120 Safari/537.36", "tv"),
+        ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 Chrome/120 Safari/537.36 Crafts/2.0", "desktop"),
         ("Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)", "bot"),
         ("python-httpx/0.28.1", "bot"),
         (None, None),
@@ -53,6 +58,24 @@ def test_locale_prefers_highest_q_and_normalises():
     assert preferred_locale("fr;q=0.5, en_us;q=0.9, *;q=1") == "en-US"
     assert preferred_locale("de-DE") == "de-DE"
     assert preferred_locale("not a tag!!") is None and preferred_locale(None) is None
+
+
+@pytest.mark.parametrize("tag", ["zh-Hant-TW", "zh-hant-tw", "ZH-HANT-TW", "zh_hant_TW"])
+def test_one_locale_in_any_case_is_one_canonical_tag(tag):
+    assert normalise_locale(tag) == "zh-Hant-TW"
+
+
+@pytest.mark.parametrize(
+    "tag, canonical",
+    [("SR-LATN-rs", "sr-Latn-RS"), ("es-419", "es-419"), ("DE-ch-1996", "de-CH-1996"), ("sl-ROZAJ", "sl-rozaj")],
+)
+def test_locale_subtags_take_bcp47_canonical_case(tag, canonical):
+    assert normalise_locale(tag) == canonical
+
+
+@pytest.mark.parametrize("bad_q", ["inf", "1.5", "-0.1", "nan", "abc", ""])
+def test_an_accept_language_weight_outside_0_to_1_is_ignored(bad_q):
+    assert preferred_locale(f"fr;q={bad_q}, en-GB;q=0.5") == "en-GB"
 
 
 def test_enrichment_adds_device_locale_receive_time_and_version(redis_client):

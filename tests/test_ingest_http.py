@@ -85,6 +85,9 @@ def test_health_and_docs_are_open_everything_else_needs_a_scoped_key(stack):
         ({"events": [event(), event(position="first")]}, 422, ["body", "events", 1, "position"], "integer"),
         ({"events": [{k: v for k, v in event().items() if k != "track_id"}]}, 422, ["body", "events", 0, "track_id"], "required"),
         ({"events": [event(event_type="listen")]}, 422, ["body", "events", 0, "event_type"], "play"),
+        # Beyond int64 the export could not store it; beyond a date, the timestamp once crashed (500).
+        ({"events": [event(duration_ms=2**64)]}, 422, ["body", "events", 0, "duration_ms"], "less than or equal"),
+        (event(timestamp=1e20), 422, ["body", "timestamp"], "out of range"),
         ({"events": [event() for _ in range(MAX_BATCH + 1)]}, 422, ["body", "events"], f"at most {MAX_BATCH}"),
         # A day ahead: the parameters are made when pytest collects, and this case may run many
         # minutes later, so ten minutes ahead (twice the 5-minute allowance) was not enough.
@@ -93,7 +96,7 @@ def test_health_and_docs_are_open_everything_else_needs_a_scoped_key(stack):
         (b'{"events": [', 422, ["body", 12], "JSON"),
         (b"x" * (MAX_BODY + 1), 413, ["body"], "larger than"),
     ],
-    ids=["wrong-type", "missing-field", "unknown-event-type", "oversized-batch", "future-timestamp", "empty-batch", "invalid-json", "oversized-body"],
+    ids=["wrong-type", "missing-field", "unknown-event-type", "beyond-int64", "timestamp-out-of-range", "oversized-batch", "future-timestamp", "empty-batch", "invalid-json", "oversized-body"],
 )
 def test_bad_input_is_4xx_naming_the_problem_and_nothing_is_stored(stack, body, status, loc, words):
     before = stream_len(stack)

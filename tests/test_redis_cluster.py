@@ -132,7 +132,7 @@ def test_keys_of_each_multi_key_operation_share_one_slot(settings):
     trending = TrendingLists(None, PREFIX)
     groups = {
         "ingest scripts": [stream, dlq, keys.dedup() + "e1", keys.session_state() + "u1", keys.recent_plays("u1"), keys.track_counters("t1")],
-        "export commit": [keys.export_cursor(), keys.export_inflight()],
+        "export commit": [keys.export_lock(), keys.export_cursor(), keys.export_inflight()],
         "trending swap": [trending._list("global"), trending._detail("genre:rock"), trending._names, trending._meta, f"{trending.base}:tmp:v9:list:x"],
         "push add": [keys.push_subscriptions("u}1"), keys.push_profile("u}1")],
     }

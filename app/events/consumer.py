@@ -9,6 +9,10 @@ it once. Transient failures (Redis errors, `TransientError`) are retried with
 exponential backoff and full jitter; after `max_attempts`, or an entry delivered
 `max_deliveries` times, the entry goes to the dead-letter stream with the reason, attempt
 count, stage and original payload, and is acknowledged. Nothing is dropped silently.
+Redis refusing writes for a while (maxmemory, a read-only replica in a failover, a busy
+script: app/events/redis_errors.py) is not the entries' fault: they stay pending with this
+consumer, `poll` raises `RedisRefused` and retries them first next time, and none is
+dead-lettered (which would only grow a Redis that is already full).
 
     consumer = StreamConsumer(client, stream_key, settings.consumer, name="c1",
                               stage=OnlineUpdates(client, Keys(prefix), group, keep=50), dlq=dlq)
@@ -28,6 +32,7 @@ import redis
 
 from app.config import ConsumerSettings
 from app.events.dead_letter import DeadLetterQueue
+from app.events.redis_errors import is_refusal
 from app.events.stream import StreamEntry, decode_entry
 from app.keys import Keys
 
@@ -41,6 +46,12 @@ class TransientError(RuntimeError):
 
 
 TRANSIENT = (redis.ConnectionError, redis.TimeoutError, TransientError)
+
+
+class RedisRefused(redis.RedisError):
+    """Redis kept refusing the stage's writes (OOM, READONLY, BUSY) through every attempt: the
+    batch is left pending, held by this consumer for its next poll."""
+
 
 # KEYS[1] = the stream (mode ack) or the dead-letter stream (mode replay).
 # ARGV = mode, group, recent-plays prefix, track-counter prefix, recent plays kept, then per
@@ -186,6 +197,8 @@ class StreamConsumer:
         self.rng = rng or random.Random()
         self.stats = ConsumerStats()
         self._dead_letter_script = client.register_script(_DEAD_LETTER)
+        self._held: list[StreamEntry] = []
+        """Entries Redis refused to update for: retried before anything else is read."""
 
     def ensure_group(self) -> None:
         """Create the group at the start of the stream (idempotent)."""
@@ -196,7 +209,11 @@ class StreamConsumer:
                 raise
 
     def poll(self, block_ms: int | None = None) -> int:
-        """Handle one batch: stale pending entries first, else new ones. Returns entries handled."""
+        """Handle one batch: entries Redis refused last time first, then stale pending ones, else
+        new ones. Returns entries handled; raises RedisRefused while Redis refuses writes."""
+        if self._held:
+            held, self._held = self._held, []
+            return self.handle(held)
         claimed = self.claim_stale()
         if claimed:
             return self.handle(claimed)
@@ -240,8 +257,23 @@ class StreamConsumer:
             else:
                 good.append(entry)
         if good:
-            self._apply_with_retries(good)
+            try:
+                self._apply_with_retries(good)
+            except RedisRefused:
+                self._hold(good)
+                raise
         return len(entries)
+
+    def _hold(self, entries: list[StreamEntry]) -> None:
+        """Keep refused entries for the next poll. XCLAIM JUSTID marks them as just handled
+        without counting a delivery, so while this consumer lives no other claims them as stale
+        and a long refusal does not turn them into poison (entries already applied or
+        dead-lettered are no longer pending: XCLAIM skips them, and the apply script would too)."""
+        self._held = entries
+        try:
+            self.client.xclaim(self.stream_key, self.group, self.name, 0, [e.id for e in entries], justid=True)
+        except redis.RedisError as exc:  # the entries stay pending either way
+            log.warning("%s: could not mark %d held entries as in hand: %s", self.name, len(entries), exc)
 
     def _apply_with_retries(self, entries: list[StreamEntry]) -> None:
         failure = self._attempt(entries)
@@ -268,15 +300,18 @@ class StreamConsumer:
                     if entry.id in result.rejected:
                         self._dead_letter(entry, result.rejected[entry.id], self.stage.name, attempt)
                 return None
-            except TRANSIENT as exc:
+            except Exception as exc:
+                refused = is_refusal(exc)
+                if not refused and not isinstance(exc, TRANSIENT):  # bad data or a bug: dead-lettered with the reason
+                    return f"{type(exc).__name__}: {exc}", attempt, True
                 last = f"{type(exc).__name__}: {exc}"
                 if attempt < attempts:
                     self.stats.retries += 1
                     delay = backoff_delay(attempt, self.settings.backoff_base_s, self.settings.backoff_max_s, self.rng)
                     log.warning("%s: %s failed (attempt %d/%d), retrying in %.3fs: %s", self.name, self.stage.name, attempt, attempts, delay, last)
                     self.sleep(delay)
-            except Exception as exc:  # bad data or a bug: not retried, dead-lettered with the reason
-                return f"{type(exc).__name__}: {exc}", attempt, True
+                elif refused:
+                    raise RedisRefused(f"{self.stage.name}: Redis refused writes {attempts} times, entries left pending: {last}") from exc
         return last, attempts, False
 
     def _dead_letter(self, entry: StreamEntry, reason: str, stage: str, attempts: int) -> None:

@@ -20,7 +20,9 @@ DEVICE_TYPES = ("mobile", "tablet", "desktop", "tv", "bot")
 
 # Order matters: bots and TVs often also claim to be desktop or Android browsers.
 _BOT = re.compile(r"bot\b|bot/|crawl|spider|slurp|curl/|wget/|python-|httpx|okhttp|java/|go-http|headless|monitor", re.I)
-_TV = re.compile(r"smart-?tv|googletv|google tv|appletv|apple ?tv|hbbtv|roku|tizen|web0?s|netcast|crkey|aft[bsmt]\b|bravia|\btv\b", re.I)
+# Amazon Fire TV models announce themselves as AFTB, AFTMM, AFTKA, AFTSSS, AFTHA001, ...: matched
+# case-sensitively as a whole word, so "after" or "crafts" in a User-Agent is not a TV.
+_TV = re.compile(r"smart-?tv|googletv|google tv|appletv|apple ?tv|hbbtv|roku|tizen|web0?s|netcast|crkey|(?-i:\bAFT[A-Z][A-Z0-9]{0,9}\b)|bravia|\btv\b", re.I)
 _TABLET = re.compile(r"ipad|tablet|kindle|silk/|playbook|nexus (7|9|10)\b|sm-t\d", re.I)
 _MOBILE = re.compile(r"mobi|iphone|ipod|windows phone|blackberry|bb10|opera mini|android", re.I)
 _LOCALE = re.compile(r"^[A-Za-z]{2,3}(-[A-Za-z0-9]{2,8})*$")
@@ -45,12 +47,15 @@ def device_type(user_agent: str | None) -> str | None:
 
 
 def normalise_locale(tag: str) -> str | None:
-    """`en_us` / `EN-us` -> `en-US`; None for anything that is not a language tag."""
+    """`en_us` / `EN-us` -> `en-US`, `ZH-HANT-tw` -> `zh-Hant-TW`; None for anything that is not
+    a language tag. The case is BCP 47's canonical one (RFC 5646 2.1.1: language lower, script
+    title, region upper, the rest lower), so one locale is never counted as several."""
     tag = tag.strip().replace("_", "-")
     if not _LOCALE.match(tag) or len(tag) > 35:
         return None
     lang, *rest = tag.split("-")
-    return "-".join([lang.lower(), *(p.upper() if len(p) == 2 else p for p in rest)])
+    # _LOCALE admits no singleton (-u-, -x-), so a 4-letter subtag is a script, a 2-letter one a region.
+    return "-".join([lang.lower(), *(p.title() if len(p) == 4 and p.isalpha() else p.upper() if len(p) == 2 else p.lower() for p in rest)])
 
 
 def preferred_locale(accept_language: str | None) -> str | None:
@@ -60,18 +65,26 @@ def preferred_locale(accept_language: str | None) -> str | None:
     best, best_q = None, 0.0
     for part in accept_language.split(","):
         tag, _, params = part.strip().partition(";")
-        q = 1.0
+        q: float | None = 1.0
         for param in params.split(";"):
             name, _, value = param.strip().partition("=")
             if name == "q":
-                try:
-                    q = float(value)
-                except ValueError:
-                    q = 0.0
+                q = _quality(value)
+        if q is None:  # a malformed weight (q=inf, q=1.5, q=abc): the entry says nothing usable
+            continue
         locale = normalise_locale(tag) if tag.strip() != "*" else None
         if locale and q > best_q:
             best, best_q = locale, q
     return best
+
+
+def _quality(value: str) -> float | None:
+    """An Accept-Language weight, or None unless it is a number from 0 to 1 (RFC 9110 12.4.2)."""
+    try:
+        q = float(value)
+    except ValueError:
+        return None
+    return q if 0.0 <= q <= 1.0 else None  # NaN fails both comparisons
 
 
 @dataclass(frozen=True)

@@ -137,12 +137,19 @@ class ModelCache:
         self.previous: ModelBundle | None = None
         """The bundle before the last reload: a request already under way may carry its
         catalog positions (app.recommend.placed_in)."""
+        self.loaded_at = -float("inf")
+        """When (by `clock`) the current bundle was loaded."""
         self._seen: tuple | None = None
         self._checked = -float("inf")
         self._lock = threading.Lock()
 
     def _pointers(self) -> tuple:
         return tuple(self.store.latest_version(n) for n in ("content", "cf", "trending"))
+
+    def loaded_within(self, seconds: float) -> bool:
+        """Whether the current bundle is younger than `seconds`: other replicas may not hold its
+        catalog yet."""
+        return self.clock() - self.loaded_at < seconds
 
     def get(self) -> ModelBundle | None:
         if self.clock() - self._checked >= self.interval_s:
@@ -159,6 +166,6 @@ class ModelCache:
                 return False
             bundle = ModelBundle.load(self.store)
             self.previous, self.bundle = self.bundle, bundle
-            self._seen = pointers
+            self._seen, self.loaded_at = pointers, self.clock()
         log.info("loaded models %s", bundle.versions if bundle else None)
         return True

@@ -101,20 +101,25 @@ class Retrieved:
     behind: the receiving replica holds the catalog, and 500 ids were 16 of a source's 20 KB
     per request (numpy stores them as UTF-32), pickled by the retriever, relayed by the
     ingress, unpickled by the Blender. After a model reload in between, `placed_in` names
-    them again from the replica's previous bundle. Lists from elsewhere (Redis) keep their ids."""
+    them again from the replica's previous bundle. Lists from elsewhere (Redis) keep their ids,
+    and so do candidates `named` by a retriever that loaded its catalog a moment ago: the
+    Blender may not hold that catalog yet, and without the ids it could only drop them."""
 
     track_ids: Sequence[str] | None
     scores: np.ndarray
     indices: np.ndarray | None = None
     catalog: str | None = None
+    named: bool = False
 
     def __reduce_ex__(self, protocol: int):
-        ids = None if self.indices is not None and self.catalog is not None else self.track_ids
-        return _retrieved, (*buffer(ids, protocol), *buffer(self.scores, protocol), *buffer(self.indices, protocol), self.catalog)
+        ids = None if self.indices is not None and self.catalog is not None and not self.named else self.track_ids
+        return _retrieved, (
+            *buffer(ids, protocol), *buffer(self.scores, protocol), *buffer(self.indices, protocol), self.catalog, self.named,
+        )
 
 
-def _retrieved(ids, ids_dtype, scores, scores_dtype, indices, indices_dtype, catalog) -> Retrieved:
-    return Retrieved(array(ids, ids_dtype), array(scores, scores_dtype), array(indices, indices_dtype), catalog)
+def _retrieved(ids, ids_dtype, scores, scores_dtype, indices, indices_dtype, catalog, named) -> Retrieved:
+    return Retrieved(array(ids, ids_dtype), array(scores, scores_dtype), array(indices, indices_dtype), catalog, named)
 
 
 @dataclass

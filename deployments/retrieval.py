@@ -72,10 +72,10 @@ class CFRetriever(ModelServing):
             return pack([Retrieved([], np.empty(0)) for _ in batch])
         model = self._fold_in_model(bundle)
         pairs = [(f, fold_in_vector(f, bundle, model, self.serving.fresh_play_weight)) for f in batch]
-        return pack(retrieve_cf(pairs, bundle, candidates_for(self.serving, params)))
+        return pack(self.named(retrieve_cf(pairs, bundle, candidates_for(self.serving, params))))
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
 class ContentRetriever(ModelServing):
     async def retrieve(self, packed: Packed[list[UserFeatures]], params: list[dict | None]) -> Packed[list[Retrieved]]:
-        return pack(retrieve_content(unpack(packed), self.models.get(), candidates_for(self.serving, params)))
+        return pack(self.named(retrieve_content(unpack(packed), self.models.get(), candidates_for(self.serving, params))))

@@ -13,6 +13,7 @@ import logging
 from app.artifacts import ArtifactStore
 from app.config import ServingSettings, Settings, variant_weights
 from app.models import ModelCache
+from app.recommend import Retrieved
 from deployments.metrics import keep_fresh
 
 log = logging.getLogger("ray.serve")
@@ -64,3 +65,13 @@ class ModelServing(Tunable):
 
     def refresh(self) -> None:
         self.models.refresh()
+
+    def named(self, candidates: list[Retrieved]) -> list[Retrieved]:
+        """`candidates`, sent with their track ids for a while after this replica loaded its
+        catalog: the next stage reloads on its own tick (within `reload_interval_s`, plus the
+        load) and until then holds neither this catalog nor, as its previous one, any way to
+        read positions in it."""
+        if self.models.loaded_within(3 * self.settings.serving.reload_interval_s):
+            for c in candidates:
+                c.named = True
+        return candidates

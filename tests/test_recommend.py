@@ -256,7 +256,7 @@ def test_candidates_cross_the_wire_as_catalog_positions_and_blend_the_same():
 
 
 EVERY_FIELD_SET = [
-    Retrieved(np.array(["t1", "t2"]), np.array([0.9, 0.1], dtype=np.float32), np.array([1, 2]), "v2"),
+    Retrieved(np.array(["t1", "t2"]), np.array([0.9, 0.1], dtype=np.float32), np.array([1, 2]), "v2", named=True),
     Blended(
         "u", True, np.array(["t3", "t1"]), np.array([2.0, 1.5]), Reasons(["cf", "recency_boost"], np.array([3, 1])),
         {"cf": "v1"}, "heavy", True, np.array([3, 1], dtype=np.int32), "v1",
@@ -268,6 +268,7 @@ EVERY_FIELD_SET = [
     ),
 ]
 BY_ID = [
+    Retrieved(np.array(["t1", "t2"]), np.array([0.9, 0.1]), np.array([1, 2]), "v2"),  # placed: its ids stay behind
     Retrieved(["t1", "t2"], np.array([0.9, 0.1])),
     Blended("u", False, ["t3"], np.array([1.0]), Reasons.single("popular", 1), {}, "casual"),
     UserFeatures("new-listener", False),
@@ -279,15 +280,18 @@ BY_ID = [
 @pytest.mark.parametrize("protocol", [pickle.DEFAULT_PROTOCOL, pickle.HIGHEST_PROTOCOL])
 @pytest.mark.parametrize(
     "value", EVERY_FIELD_SET + BY_ID,
-    ids=["retrieved-placed", "blended-placed", "features", "retrieved-by-id", "blended-by-id", "features-defaults", "features-odd-ids"],
+    ids=[
+        "retrieved-placed-named", "blended-placed", "features", "retrieved-placed", "retrieved-by-id", "blended-by-id",
+        "features-defaults", "features-odd-ids",
+    ],
 )
 def test_stage_values_cross_the_wire_whole(value, protocol):
     """Every field survives the trip (arrays as buffers, app/wire.py), but a placed
-    Retrieved's ids, which it leaves behind."""
+    Retrieved's ids, which it leaves behind unless it is named."""
     back = pickle.loads(pickle.dumps(value, protocol=protocol))
     for f in fields(value):
         sent, got = getattr(value, f.name), getattr(back, f.name)
-        if f.name == "track_ids" and isinstance(value, Retrieved) and value.indices is not None:
+        if f.name == "track_ids" and isinstance(value, Retrieved) and value.indices is not None and not value.named:
             assert got is None
         elif f.name == "reasons":
             assert got.names == sent.names and got.masks.tolist() == sent.masks.tolist()
@@ -333,6 +337,23 @@ def test_candidates_from_a_catalog_reloaded_in_between_are_matched_by_track_id()
     ranked = rerank_candidates(blended_old, new, 3, settings())
     assert [i.track_id for i in ranked] == ["t1", "t2"]
     assert [i.artist_id for i in ranked] == ["a2", "a1"]  # metadata from the catalog now held
+
+
+def test_candidates_from_a_catalog_the_blender_does_not_hold_yet_are_blended_by_their_ids():
+    """A retriever that reloaded a moment ago sends its candidates named: the Blender, still on
+    the catalog before (and so with no way to read positions in the new one), blends them by
+    track id instead of dropping them."""
+    old, new = bundle(), bundle()
+    new.track_ids = np.array([f"t{i}" for i in (7, 6, 5, 4, 3, 2, 1, 8)], dtype=object)
+    new.versions = {"cf": "v2", "content": "v2"}
+    new.__post_init__()
+    f = UserFeatures("u", True, cf_vector=np.ones(2))
+    (cf,) = retrieve_cf([(f, np.array([1.0, 0.0]))], new, 3)
+    assert len(placed_in(pickle.loads(pickle.dumps(cf)), old, None).track_ids) == 0
+    cf.named = True
+    placed = placed_in(pickle.loads(pickle.dumps(cf)), old, None)
+    blended = blend_candidates(f, old, settings(source_weights={"cf": 1.0}), cf=placed, now_ms=NOW)
+    assert list(blended.track_ids) == ["t7", "t6", "t5"] == list(cf.track_ids)
 
 
 def test_preferences_parse_from_redis_hash():

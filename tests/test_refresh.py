@@ -91,3 +91,25 @@ def test_a_serving_replica_has_its_models_at_start_and_picks_up_a_publish_with_n
         assert replica.models.bundle.versions["content"] == v2 and replica.models.previous is first
     finally:
         replica.refresher.stop()
+
+
+def test_a_bundle_counts_as_just_loaded_until_the_other_replicas_can_have_it(tmp_path):
+    """How long a retriever names its candidates after a reload (ModelServing.named)."""
+    import numpy as np
+    import pandas as pd
+
+    from app.artifacts import ArtifactStore
+    from app.models import ModelCache
+    from tests.clock import FakeClock
+
+    store = ArtifactStore(tmp_path)
+    with store.publish("content") as out:
+        pd.DataFrame({"track_id": ["t1"], "artist_id": "a", "genre": "rock"}).to_parquet(out / "tracks.parquet")
+        np.save(out / "embeddings.npy", np.eye(1, dtype=np.float32))
+    clock = FakeClock()
+    cache = ModelCache(store, interval_s=float("inf"), clock=clock)
+    assert not cache.loaded_within(30.0)
+    cache.refresh()
+    assert cache.loaded_within(30.0)
+    clock.now += 30.0
+    assert not cache.loaded_within(30.0)

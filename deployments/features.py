@@ -45,7 +45,10 @@ class FeatureFetcher:
         """A batch of users' own features in one round trip. The trending and popular lists
         are the same for everyone, so the Blender keeps them cached instead of every request
         carrying them along."""
-        n_recent = max(self.settings.serving.recent_plays, 1)
+        # The consumer's whole list, not only the `serving.recent_plays` the content seeds use:
+        # every play since the last materialisation must be excluded as heard, and a listener
+        # can easily play more than 20 tracks between two.
+        n_recent = max(self.settings.serving.recent_plays, self.settings.consumer.recent_plays, 1)
         live = []
         for user_id in user_ids:
             live.append(LiveRead("list", self.keys.recent_plays(user_id), n_recent))

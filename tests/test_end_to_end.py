@@ -363,6 +363,38 @@ def test_a_new_listening_session_changes_the_next_recommendations(system, redis_
     assert after > before, f"{other} tracks: {before} before the session, {after} after"
 
 
+def test_every_track_played_since_the_last_materialisation_stays_out(system, redis_server):
+    """A listener who plays more tracks than serving.recent_plays (20) after the features were
+    materialised must not be offered the older ones of them again."""
+    from datetime import datetime, timezone
+
+    import redis
+
+    from app.events.consumer import StreamConsumer
+    from app.events.dead_letter import DeadLetterQueue
+    from jobs.consume_events import online_updates
+
+    world, api, settings = system["world"], system["api"], system["settings"]
+    user = world.users["user_id"].iloc[1]
+    heard = set(world.events.loc[world.events["user_id"] == user, "track_id"])
+    session = world.tracks.loc[~world.tracks["track_id"].isin(heard), "track_id"].head(40).tolist()
+    assert settings.serving.recent_plays < len(session) <= settings.consumer.recent_plays
+    now = datetime.now(timezone.utc).isoformat()
+    events = [{"event_id": str(uuid.uuid4()), "user_id": user, "track_id": t, "event_type": "play", "timestamp": now} for t in session]
+    assert api.post("/v1/events", json={"events": events}).json()["accepted"] == len(session)
+    client = redis.Redis.from_url(redis_server.url)
+    consumer = StreamConsumer(
+        client, settings.redis.stream_key, settings.consumer, "e2e-heard", online_updates(client, settings),
+        DeadLetterQueue(client, settings.redis.dead_letter_key),
+    )
+    consumer.ensure_group()
+    consumer.drain(idle_polls=1, block_ms=50)
+
+    body = api.get(f"/v1/users/{user}/recommendations", params={"k": 200}).json()
+    offered = {i["track_id"] for i in body["items"]}
+    assert len(offered) >= 100 and not offered & set(session)
+
+
 def test_a_published_model_is_served_without_a_redeploy(system):
     """A job publishing a new CF version is picked up by the running replicas (their
     background refresh, app/refresh.py); the answers meanwhile stay whole and undegraded."""

@@ -12,14 +12,15 @@ from pathlib import Path
 
 import redis
 from fastapi import APIRouter, FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from ray import serve
+from starlette.types import Scope
 
 from app.config import Settings
 from app.events.auth import ApiKeyStore, RequestGuard
 from app.keys import Keys
-from app.push.subscriptions import SubscriptionRequest, SubscriptionStore, endpoint_problem
+from app.push.subscriptions import SubscriptionRequest, SubscriptionStore, UnsubscribeRequest, endpoint_problem
 from app.push.vapid import load_vapid_keys, vapid_key_path
 from app.web_sign_in import SignInRequest, SignInResponse, mint_demo_key
 
@@ -79,6 +80,25 @@ def subscribe(body: SubscriptionRequest):
     return {"user_id": body.user_id, "subscription_id": sub_id, "devices": devices}
 
 
+@router.delete("/v1/push/subscriptions", status_code=204, tags=["push"], responses={404: {"description": "No such device for this listener."}})
+def unsubscribe(body: UnsubscribeRequest):
+    """Forget a device's push subscription (the PWA calls it on sign-out)."""
+    if not _web().subscriptions.remove_endpoint(body.user_id, body.endpoint):
+        raise HTTPException(404, "no push subscription with this endpoint for this listener")
+    return Response(status_code=204)
+
+
+class ShellFiles(StaticFiles):
+    """The PWA's files with `Cache-Control: no-cache`: without it the browser's heuristic
+    cache may answer the service worker's refresh with the previous deploy's app.js for hours.
+    Revalidation (ETag, 304) keeps the check cheap."""
+
+    async def get_response(self, path: str, scope: Scope) -> Response:
+        response = await super().get_response(path, scope)
+        response.headers["Cache-Control"] = "no-cache"
+        return response
+
+
 def mount_web(api: FastAPI) -> None:
     api.include_router(router)
-    api.mount("/app", StaticFiles(directory=WEB_DIR, html=True, check_dir=False), name="web")
+    api.mount("/app", ShellFiles(directory=WEB_DIR, html=True, check_dir=False), name="web")

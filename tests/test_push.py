@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from app.config import settings_from_args
 from app.keys import Keys
 from app.push.policy import cap_reason, in_quiet_hours
-from app.push.subscriptions import SubscriptionRequest, SubscriptionStore, endpoint_problem
+from app.push.subscriptions import SubscriptionRequest, SubscriptionStore, endpoint_problem, subscription_id
 from app.push.vapid import b64url, b64url_decode, ensure_vapid_keys, load_vapid_keys, vapid_key_path
 from tests.web_support import publish_tiny_catalogue
 
@@ -84,6 +84,34 @@ def test_endpoints_must_be_allowed_push_services():
     assert endpoint_problem("http://127.0.0.1:9/push", hosts) is None  # a loopback test service
 
 
+def test_endpoints_the_http_client_would_read_differently_are_refused():
+    """The host checked must be the host pywebpush's requests connects to (urllib3's reading)."""
+    hosts = ["fcm.googleapis.com", "127.0.0.1"]
+    # urlsplit reads fcm.googleapis.com, urllib3 connects to 10.0.0.5.
+    assert "backslash" in endpoint_problem("https://10.0.0.5\\@fcm.googleapis.com/x", hosts)
+    assert "user:password@" in endpoint_problem("https://a:b@fcm.googleapis.com/x", hosts)
+    assert "user:password@" in endpoint_problem("https://10.0.0.5;@fcm.googleapis.com/x", hosts)
+    assert "user:password@" in endpoint_problem("https://@fcm.googleapis.com/x", hosts)
+    assert "ambiguous" in endpoint_problem("https://fcm%2egoogleapis.com/x", hosts)  # urllib3 decodes it, urlsplit does not
+    assert "control characters" in endpoint_problem("https://fcm.googleapis.com\t/x", hosts)
+    assert "not a valid URL" in endpoint_problem("https://fcm.googleapis.com:abc/x", hosts)
+    assert "default port" in endpoint_problem("https://fcm.googleapis.com:8443/x", hosts)
+    assert "user:password@" in endpoint_problem("https://fcm.googleapis.com%2f@10.0.0.5/", hosts)
+    assert endpoint_problem("https://fcm.googleapis.com:443/fcm/send/abc", hosts) is None
+    assert endpoint_problem("https://fcm.googleapis.com/x?a=b@c", hosts) is None  # an @ in the query is not userinfo
+    assert endpoint_problem("http://127.0.0.1:8080/push/device", hosts) is None  # the loopback test service keeps its port
+
+
+def test_sender_reports_a_subscription_it_cannot_sign_for_as_a_failure(tmp_path):
+    """py_vapid refuses an audience with user:password@ in it; that must not escape the sender."""
+    from app.push.sender import WebPushSender
+
+    keys = ensure_vapid_keys(tmp_path / "vapid.pem")
+    send = WebPushSender(keys.private_key_path, "mailto:ops@echotune.invalid", ttl_s=60, timeout_s=1.0)
+    subscription = {"endpoint": "https://a:b@fcm.googleapis.com/x", "keys": browser_keys()[2]}
+    assert send(subscription, b"{}") == 0
+
+
 def test_store_replaces_the_oldest_device_beyond_the_limit(redis_client):
     store = SubscriptionStore(redis_client, Keys("pt"), max_per_user=2)
     for i in range(3):
@@ -91,6 +119,52 @@ def test_store_replaces_the_oldest_device_beyond_the_limit(redis_client):
     endpoints = {rec["subscription"]["endpoint"] for _, rec in store.subscriptions("u1")}
     assert len(endpoints) == 2 and "https://fcm.googleapis.com/d0" not in endpoints
     assert store.users() == ["u1"] and store.profile("u1")["genres"] == ["rock"]
+
+
+class BeforeCall:
+    """The real Redis client, with `action` run once just before the first call of `method`:
+    a deterministic interleaving of two stores' commands, no threads, no timing."""
+
+    def __init__(self, client, method: str, action):
+        self._client, self._method, self._action = client, method, action
+
+    def __getattr__(self, name):
+        attr = getattr(self._client, name)
+        if name != self._method or self._action is None:
+            return attr
+        action, self._action = self._action, None
+        action()
+        return attr
+
+
+def test_a_device_added_while_the_last_one_is_removed_stays_in_the_walk(redis_client):
+    keys = Keys("pt")
+    SubscriptionStore(redis_client, keys).add(SubscriptionRequest.model_validate(subscription_body("https://fcm.googleapis.com/old")))
+    old_id = subscription_id("https://fcm.googleapis.com/old")
+    new_device = SubscriptionRequest.model_validate(subscription_body("https://fcm.googleapis.com/new"))
+
+    # The new device arrives after remove() found the hash empty, before it leaves the walk.
+    adding = SubscriptionStore(redis_client, keys)
+    racing = SubscriptionStore(BeforeCall(redis_client, "srem", lambda: adding.add(new_device)), keys)
+    racing.remove("u1", old_id)
+    assert [rec["subscription"]["endpoint"] for _, rec in adding.subscriptions("u1")] == ["https://fcm.googleapis.com/new"]
+    assert adding.users() == ["u1"]
+
+    # The other way round: add() joined the walk, then the last device left before its MULTI.
+    removing = SubscriptionStore(redis_client, keys)
+    newest = SubscriptionRequest.model_validate(subscription_body("https://fcm.googleapis.com/newest"))
+    racing = SubscriptionStore(BeforeCall(redis_client, "pipeline", lambda: removing.remove("u1", subscription_id("https://fcm.googleapis.com/new"))), keys)
+    racing.add(newest)
+    assert [rec["subscription"]["endpoint"] for _, rec in removing.subscriptions("u1")] == ["https://fcm.googleapis.com/newest"]
+    assert removing.users() == ["u1"]
+
+
+def test_removing_the_last_device_leaves_the_walk(redis_client):
+    store = SubscriptionStore(redis_client, Keys("pt"))
+    store.add(SubscriptionRequest.model_validate(subscription_body("https://fcm.googleapis.com/only")))
+    assert store.remove_endpoint("u1", "https://fcm.googleapis.com/only") is True
+    assert store.remove_endpoint("u1", "https://fcm.googleapis.com/only") is False
+    assert store.users() == [] and store.subscriptions("u1") == []
 
 
 # ---------- VAPID keys and the CLI ----------
@@ -239,6 +313,52 @@ def test_gone_subscriptions_are_pruned(push_settings, redis_client, push_service
     assert left == ["fine", "flaky"]  # a 500 is kept for the next run
 
 
+def test_one_listener_that_fails_does_not_stop_the_walk(redis_client):
+    """Listeners are walked in sorted order: a failure at u1 must not starve u2 and u3."""
+    from app.config import PushSettings
+    from app.push.notifier import TrendNotifier
+
+    store = SubscriptionStore(redis_client, Keys("pt"))
+    for user in ("u1", "u2", "u3"):
+        store.add(SubscriptionRequest.model_validate(subscription_body(f"https://fcm.googleapis.com/{user}", user=user, genres=["rock"])))
+    sent_to = []
+
+    def send(subscription: dict, payload: bytes) -> int:
+        if subscription["endpoint"].endswith("/u1"):
+            raise RuntimeError("a bug in one subscription's path")
+        sent_to.append(subscription["endpoint"].rsplit("/", 1)[1])
+        return 201
+
+    settings = PushSettings(endpoint_hosts=["fcm.googleapis.com"], quiet_start_hour=0, quiet_end_hour=0)
+    report = TrendNotifier(store, lambda genre, k: [{"track_id": "t1"}], send, settings, clock=lambda: NOON_BERLIN).run()
+    assert sent_to == ["u2", "u3"]
+    assert report.as_dict() == {"users": 3, "error": 1, "sent": 2, "deliveries": 2, "pruned": 0, "failed": 0}
+
+
+def test_a_stored_endpoint_the_check_now_refuses_is_never_sent_to(redis_client):
+    """Subscriptions stored before the endpoint check was tightened never reach the sender;
+    they are kept (a slip in push.endpoint_hosts must not delete everyone's subscriptions)."""
+    from app.config import PushSettings
+    from app.push.notifier import TrendNotifier
+
+    keys = Keys("pt")
+    store = SubscriptionStore(redis_client, keys)
+    store.add(SubscriptionRequest.model_validate(subscription_body("https://fcm.googleapis.com/good", genres=["rock"])))
+    hostile = "https://10.0.0.5\\@fcm.googleapis.com/x"  # what urlsplit alone let through
+    record = {"subscription": {"endpoint": hostile, "keys": browser_keys()[2]}, "created_at_ms": 0, "seq": 0}
+    redis_client.hset(keys.push_subscriptions("u1"), subscription_id(hostile), json.dumps(record))
+    sent_to = []
+
+    def send(subscription: dict, payload: bytes) -> int:
+        sent_to.append(subscription["endpoint"])
+        return 201
+
+    settings = PushSettings(endpoint_hosts=["fcm.googleapis.com"], quiet_start_hour=0, quiet_end_hour=0)
+    report = TrendNotifier(store, lambda genre, k: [{"track_id": "t1"}], send, settings, clock=lambda: NOON_BERLIN).run()
+    assert sent_to == ["https://fcm.googleapis.com/good"]
+    assert (report.failed, report.pruned, report.deliveries) == (1, 0, 1)
+
+
 # ---------- the HTTP route on the Serve app ----------
 
 @pytest.mark.ray
@@ -267,3 +387,48 @@ def test_subscription_route_needs_a_key_and_stores_the_device(web_app):
     store = SubscriptionStore(client, keys)
     assert "route-user" in store.users()
     assert store.profile("route-user") == {"timezone": "Asia/Tokyo", "genres": ["jazz"]}
+
+
+@pytest.mark.ray
+def test_subscription_route_refuses_endpoints_the_http_client_would_read_differently(web_app):
+    import redis
+
+    from app.events.auth import ApiKeyStore
+
+    settings = web_app["settings"]
+    client = redis.Redis.from_url(settings.redis.url)
+    auth = {"Authorization": f"Bearer {ApiKeyStore(client, Keys(settings.redis.key_prefix)).create({'ingest', 'read'}).token}"}
+    hosts = settings.push.endpoint_hosts  # 127.0.0.1: each endpoint below would aim the notifier elsewhere
+    with httpx.Client(base_url=web_app["base"], timeout=30) as api:
+        for endpoint in ("http://10.0.0.5\\@127.0.0.1:9/x", "http://a:b@127.0.0.1:9/x", "http://127%2e0.0.1:9/x"):
+            assert endpoint_problem(endpoint, hosts)
+            resp = api.post("/v1/push/subscriptions", json=subscription_body(endpoint, user="hostile"), headers=auth)
+            assert resp.status_code == 422, endpoint
+            assert resp.json()["detail"][0]["loc"] == ["body", "subscription", "endpoint"]
+    assert "hostile" not in SubscriptionStore(client, Keys(settings.redis.key_prefix)).users()
+
+
+@pytest.mark.ray
+def test_unsubscribe_route_forgets_only_the_device_named(web_app):
+    import redis
+
+    from app.events.auth import ApiKeyStore
+
+    settings = web_app["settings"]
+    client = redis.Redis.from_url(settings.redis.url)
+    keys = Keys(settings.redis.key_prefix)
+    auth = {"Authorization": f"Bearer {ApiKeyStore(client, keys).create({'ingest', 'read'}).token}"}  # a listener's key
+    kept, leaving = "http://127.0.0.1:9/push/kept", "http://127.0.0.1:9/push/leaving"
+    with httpx.Client(base_url=web_app["base"], timeout=30) as api:
+        for endpoint in (kept, leaving):
+            assert api.post("/v1/push/subscriptions", json=subscription_body(endpoint, user="leaver"), headers=auth).status_code == 201
+        gone = api.request("DELETE", "/v1/push/subscriptions", json={"user_id": "leaver", "endpoint": leaving}, headers=auth)
+        assert gone.status_code == 204, gone.text
+        again = api.request("DELETE", "/v1/push/subscriptions", json={"user_id": "leaver", "endpoint": leaving}, headers=auth)
+        assert again.status_code == 404
+        bad = api.request("DELETE", "/v1/push/subscriptions", json={"user_id": "leaver"}, headers=auth)
+        assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "endpoint"]
+        assert api.request("DELETE", "/v1/push/subscriptions", json={"user_id": "leaver", "endpoint": kept}).status_code == 401
+    store = SubscriptionStore(client, keys)
+    assert [rec["subscription"]["endpoint"] for _, rec in store.subscriptions("leaver")] == [kept]
+    assert "leaver" in store.users()

@@ -1,16 +1,21 @@
 """The PWA in real headless Chromium against the real Serve app and Redis: the service worker
-registers and caches the shell, feedback made offline is replayed exactly once, a reload
-while offline still shows the last recommendations, the offline queue is bounded."""
+registers and caches the shell (and takes a new deploy's past the HTTP cache), feedback made
+offline or in flight when the tab closes is replayed exactly once, a reload while offline
+still shows the last recommendations, the offline queue is bounded, sign-out leaves nothing
+sent with the next listener's key."""
 
 from __future__ import annotations
 
 import os
 import uuid
+from datetime import datetime, timedelta, timezone
 
+import httpx
 import pytest
 import redis
 
-from tests.web_support import PREFIX, launch_chromium
+from tests.waiting import poll
+from tests.web_support import PREFIX, OldStyleShellServer, launch_chromium
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 
@@ -18,12 +23,18 @@ pytestmark = [pytest.mark.ray]
 
 
 @pytest.fixture(scope="module")
-def web(web_app):
-    """The shared Serve app plus one Chromium for the module."""
+def browser():
+    """One Chromium for the module."""
     with playwright_api.sync_playwright() as pw:
         browser = launch_chromium(pw)
-        yield {"settings": web_app["settings"], "url": f"{web_app['base']}/app/", "browser": browser}
+        yield browser
         browser.close()
+
+
+@pytest.fixture(scope="module")
+def web(web_app, browser):
+    """The shared Serve app plus the module's Chromium."""
+    return {"settings": web_app["settings"], "url": f"{web_app['base']}/app/", "browser": browser}
 
 
 @pytest.fixture
@@ -155,3 +166,109 @@ def test_background_sync_replays_the_outbox_with_no_page_open(web, page):
             cdp.send("ServiceWorker.dispatchSyncEvent", {"origin": origin, "registrationId": registration["registrationId"], "tag": "echotune-outbox", "lastChance": False})
         page.wait_for_timeout(100)
     assert sorted(e["track_id"] for e in events) == sorted(liked)
+
+
+def test_app_files_are_revalidated_on_every_load(web_app):
+    """`no-cache`: a new deploy's files reach the browser (and the service worker's refresh)
+    at the next load, not when a heuristic cache lifetime runs out."""
+    with httpx.Client(base_url=web_app["base"], timeout=30) as http:
+        for path in ("/app/", "/app/index.html", "/app/app.js", "/app/queue.js", "/app/sw.js"):
+            resp = http.get(path)
+            assert resp.status_code == 200 and resp.headers["cache-control"] == "no-cache", path
+
+
+def test_service_worker_takes_a_new_deploy_past_the_http_cache(browser):
+    """Against a server that sends no Cache-Control (the browser's HTTP cache then keeps the
+    files heuristically fresh), the shell cache still gets the server's current files."""
+    server = OldStyleShellServer()
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.goto(server.url)
+        page.wait_for_function("navigator.serviceWorker.controller !== null")
+        # The install fetched the shell from the server, not from what the page load cached.
+        installs = [h for path, h in server.requests if path == "/app/queue.js" and "no-cache" in h.get("cache-control", "")]
+        assert installs, server.requests
+
+        new_app = server.files["/app/app.js"] + b"\n// release 2\n"
+        server.deploy("/app/app.js", new_app)
+        page.reload()  # answered from the shell cache; the worker refreshes it behind
+        page.wait_for_function(
+            "caches.open('echotune-shell-v1').then(c => c.match('app.js')).then(r => r.text()).then(t => t.includes('// release 2'))",
+            timeout=30_000,
+        )
+    finally:
+        context.close()
+        server.close()
+
+
+def test_a_like_in_flight_when_the_tab_closes_is_still_stored(web, page):
+    """Online but slow: the POST is still under way when the listener closes the tab. The
+    event is in the outbox and a Background Sync is already pending, so the service worker
+    sends it with no page open."""
+    page.route("**/v1/events", lambda route: None)  # the page's POST never gets an answer
+    track = page.locator("#recs li.track").first.get_attribute("data-track-id")
+    with page.expect_request("**/v1/events"):
+        page.locator(f"#recs li[data-track-id='{track}'] button[data-type=like]").click()
+    page.goto("about:blank")  # the tab is gone: its POST and its hold on the outbox lock with it
+    events = poll(lambda: stored_events(web["settings"], page.user_id), lambda e: len(e) >= 1, 20_000)
+    assert [(e["track_id"], e["event_type"]) for e in events] == [(track, "like")]
+
+
+def test_sign_out_keeps_queued_feedback_under_its_own_key(web, page):
+    """A listener likes offline and signs out; the next listener signs in (with a read-only
+    key) before the network is back. The first listener's like is sent with their own key,
+    the key is gone from the page's storage, and this browser leaves push for them."""
+    from app.events.auth import ApiKeyStore
+    from app.keys import Keys
+
+    settings = web["settings"]
+    endpoint = "https://fcm.googleapis.com/fcm/send/device-of-" + page.user_id
+    page.evaluate(
+        """(endpoint) => { PushManager.prototype.getSubscription = async () => ({ endpoint,
+             unsubscribe: async () => { window.unsubscribed = endpoint; return true; } }); }""",
+        endpoint,
+    )
+    unsubscribes = []
+    page.route("**/v1/push/subscriptions", lambda route: (unsubscribes.append((route.request.method, route.request.post_data_json)), route.fulfill(status=204)))
+
+    page.context.set_offline(True)
+    page.wait_for_function("document.getElementById('network').textContent === 'offline'")
+    track = page.locator("#recs li.track").first.get_attribute("data-track-id")
+    page.locator(f"#recs li[data-track-id='{track}'] button[data-type=like]").click()
+    page.wait_for_function("document.getElementById('outbox').dataset.size === '1'")
+    page.click("#signout")
+    page.wait_for_selector("body[data-signed-in=no]")
+    assert page.evaluate("EchoQueue.getMeta('session')") is None
+    assert page.evaluate("localStorage.getItem('echotune.session')") is None
+    assert page.evaluate("window.unsubscribed") == endpoint
+    assert unsubscribes == [("DELETE", {"user_id": page.user_id, "endpoint": endpoint})]
+
+    client = redis.Redis.from_url(settings.redis.url)
+    reader = ApiKeyStore(client, Keys(settings.redis.key_prefix)).create({"read"}).token  # cannot post events
+    page.fill("#user-id", f"next-{page.user_id}")
+    page.fill("#api-key", reader)
+    page.click("#signin-form button[type=submit]")
+    page.wait_for_selector("body[data-signed-in=yes]")
+    page.context.set_offline(False)
+    page.wait_for_function("document.getElementById('outbox').dataset.size === '0'", timeout=30_000)
+    events = stored_events(settings, page.user_id)
+    assert [(e["track_id"], e["event_type"]) for e in events] == [(track, "like")]
+
+
+def test_feedback_from_a_device_whose_clock_runs_fast_is_kept(web, page):
+    """The gateway refuses events stamped beyond max_future_s; the outbox restamps them by the
+    server's Date header once instead of dropping them."""
+    ahead = datetime.now(timezone.utc) + timedelta(seconds=web["settings"].gateway.max_future_s + 3600)
+    page.clock.set_fixed_time(ahead)
+    result = page.evaluate(
+        """async (user) => {
+             await EchoQueue.enqueue({event_id: crypto.randomUUID(), user_id: user, track_id: 't001', event_type: 'like',
+                                      timestamp: new Date().toISOString(), device_type: 'web'});
+             return EchoQueue.flush(new URL('../', location.href)); }""",
+        page.user_id,
+    )
+    assert result["state"] == "empty"
+    events = stored_events(web["settings"], page.user_id)
+    assert [(e["track_id"], e["event_type"]) for e in events] == [("t001", "like")]
+    assert page.evaluate("EchoQueue.stats()")["rejected"] == 0

@@ -4,7 +4,9 @@ answers real recommendations and trending) and the system Chromium via Playwrigh
 from __future__ import annotations
 
 import shutil
+import threading
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,9 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
+
+WEB_DIR = Path(__file__).resolve().parents[1] / "web"
+CONTENT_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css", ".svg": "image/svg+xml", ".webmanifest": "application/manifest+json"}
 
 GENRES = ["rock", "jazz"]
 TRACKS = pd.DataFrame(
@@ -99,3 +104,44 @@ def web_app(tmp_path_factory, web_redis, serve_port):
     serve.run(build_app(args), name=APP_NAME, route_prefix=PREFIX)
     yield {"settings": settings, "args": args, "base": f"http://127.0.0.1:{serve_port}{PREFIX}"}
     serve.delete(APP_NAME)
+
+
+class OldStyleShellServer:
+    """web/ under /app/ on loopback, served as a server without Cache-Control does (as /app
+    was before it sent `no-cache`): a Last-Modified long past, so the browser's heuristic cache
+    deems every file fresh for weeks. `deploy(path, body)` changes a file as a new release
+    would; `requests` records each GET's path and headers."""
+
+    def __init__(self):
+        self.files = {f"/app/{f.name}": f.read_bytes() for f in WEB_DIR.iterdir() if f.is_file()}
+        self.files["/app/"] = self.files["/app/index.html"]
+        self.requests: list[tuple[str, dict]] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                server.requests.append((self.path, {k.lower(): v for k, v in self.headers.items()}))
+                body = server.files.get(self.path.split("?")[0])
+                if body is None:
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", CONTENT_TYPES.get(Path(self.path).suffix, "text/html"))
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Last-Modified", "Mon, 01 Jan 2024 00:00:00 GMT")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/app/"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def deploy(self, path: str, body: bytes) -> None:
+        self.files[path] = body
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -147,10 +147,13 @@ async function feedback(type, track, context, button) {
     ...context,
   };
   if (event.recommendation_id === undefined) delete event.recommendation_id;
-  await Q.enqueue(event);
+  await Q.enqueue(event, session.api_key);
   button.classList.add('done');
+  // Before flushing, not after a failure: should the tab close while the POST is in flight,
+  // the service worker still sends the event. A sync that finds the queue empty is harmless.
+  await requestSync();
   const result = await flush();
-  toast(result.state === 'empty' ? `${type} sent` : `${type} saved: sends when you are back online`);
+  toast(result.state === 'empty' || result.state === 'held' ? `${type} sent` : `${type} saved: sends when you are back online`);
 }
 
 async function flush() {
@@ -205,9 +208,23 @@ async function signIn(userId, apiKey) {
   await flush();
 }
 
-function signedOut(message) {
+/* Sign-out: feedback already queued keeps the key it was made under (queue.js) and is sent
+ * now if we are online, else later by the service worker; this device stops receiving the
+ * listener's notifications. */
+async function signOut() {
+  const leaving = session;
+  try {
+    if (navigator.onLine) await flush();
+    await leavePush(leaving);
+  } finally {
+    await signedOut();
+  }
+}
+
+async function signedOut(message) {
   session = null;
   localStorage.removeItem('echotune.session');
+  await Q.setMeta('session', null);  // nothing is sent with this key for a next listener
   showSession();
   $('signin-status').textContent = message || '';
 }
@@ -254,6 +271,22 @@ async function enableNotifications() {
   }
 }
 
+/* The browser's subscription belongs to the listener leaving: unsubscribe it (its push service
+ * then answers 410 and the notifier prunes it) and tell the server at once. Best effort: an
+ * offline sign-out must still sign out. */
+async function leavePush(leaving) {
+  const reg = await navigator.serviceWorker?.getRegistration();
+  const subscription = await reg?.pushManager?.getSubscription().catch(() => null);
+  if (!subscription) return;
+  const endpoint = subscription.endpoint;
+  await subscription.unsubscribe().catch(() => false);
+  await fetch(new URL('v1/push/subscriptions', API_BASE), {
+    method: 'DELETE',
+    headers: { 'Content-Type': 'application/json', Authorization: `Bearer ${leaving.api_key}` },
+    body: JSON.stringify({ user_id: leaving.user_id, endpoint }),
+  }).catch(() => undefined);
+}
+
 /* ---------- start ---------- */
 
 async function start() {
@@ -275,7 +308,7 @@ async function start() {
     }
   });
   $('refresh').addEventListener('click', loadAll);
-  $('signout').addEventListener('click', () => signedOut());
+  $('signout').addEventListener('click', signOut);
   $('notify').addEventListener('click', enableNotifications);
   session = JSON.parse(localStorage.getItem('echotune.session') || 'null');
   showSession();

@@ -9,8 +9,11 @@ const SCOPE = new URL(self.registration.scope);
 const API_BASE = new URL('../', SCOPE);  // the ingress root: /app/ sits one level below it
 const SYNC_TAG = 'echotune-outbox';
 
+/* 'reload' and 'no-cache' below: the shell must come from the server, never from the browser's
+ * HTTP cache, which may still hold the previous deploy's files. */
 self.addEventListener('install', (event) => {
-  event.waitUntil(caches.open(SHELL_CACHE).then((cache) => cache.addAll(SHELL)).then(() => self.skipWaiting()));
+  const fresh = SHELL.map((path) => new Request(path, { cache: 'reload' }));
+  event.waitUntil(caches.open(SHELL_CACHE).then((cache) => cache.addAll(fresh)).then(() => self.skipWaiting()));
 });
 
 self.addEventListener('activate', (event) => {
@@ -28,7 +31,7 @@ self.addEventListener('fetch', (event) => {
   event.respondWith((async () => {
     const cache = await caches.open(SHELL_CACHE);
     const cached = await cache.match(event.request, { ignoreSearch: true });
-    const fresh = fetch(event.request).then((resp) => {
+    const fresh = fetch(event.request, { cache: 'no-cache' }).then((resp) => {
       if (resp.ok) cache.put(event.request, resp.clone());
       return resp;
     });

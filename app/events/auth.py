@@ -42,7 +42,7 @@ PUBLIC_PATHS = frozenset({"/healthz", "/docs", "/redoc", "/openapi.json", "/docs
 # mounted sub-app, public like the docs.
 SIGN_IN_PATHS = frozenset({"/v1/web/sign-in"})
 # Routes a listener's own client calls with the ingest scope, like posting its events.
-INGEST_ROUTES = frozenset({("POST", "/v1/events"), ("POST", "/v1/push/subscriptions")})
+INGEST_ROUTES = frozenset({("POST", "/v1/events"), ("POST", "/v1/push/subscriptions"), ("DELETE", "/v1/push/subscriptions")})
 
 
 def required_scope(method: str, path: str) -> Scope | None:

@@ -5,6 +5,11 @@ reached; otherwise look at the top of the trending list of each of their genres,
 tracks they were not told about yet, and send one notification to each of their devices.
 A push service answering 404 or 410 says the subscription is gone for good: it is pruned.
 Other failures keep the subscription and do not count against the cap (the next run retries).
+An endpoint the current check refuses (stored by an older EchoTune, or its host since dropped
+from `push.endpoint_hosts`) is never sent to, and kept as a failure: a slip in that list
+must not delete every listener's subscription. A listener whose turn raises is counted as
+"error" and the walk goes on: users are walked in sorted order, so a crash would stop every
+run at the same listener and nobody after them would ever be notified.
 
     notifier = TrendNotifier(store, trending_top, sender, settings.push)
     report = notifier.run()
@@ -21,7 +26,7 @@ from typing import Callable
 
 from app.config import PushSettings
 from app.push.policy import cap_reason, in_quiet_hours
-from app.push.subscriptions import DAY_MS, SubscriptionStore
+from app.push.subscriptions import DAY_MS, SubscriptionStore, endpoint_problem
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +43,7 @@ Sender = Callable[[dict, bytes], int]
 class NotifyReport:
     users: int = 0
     outcomes: Counter = field(default_factory=Counter)
-    """Per listener: sent, quiet_hours, capped, nothing_new, no_genres, undelivered."""
+    """Per listener: sent, quiet_hours, capped, nothing_new, no_genres, undelivered, error."""
     deliveries: int = 0
     pruned: int = 0
     failed: int = 0
@@ -80,7 +85,12 @@ class TrendNotifier:
         report = NotifyReport()
         for user in self.store.users():
             report.users += 1
-            report.outcomes[self.notify(user, report)] += 1
+            try:
+                outcome = self.notify(user, report)
+            except Exception:
+                log.exception("notifying %s failed; going on with the next listener", user)
+                outcome = "error"
+            report.outcomes[outcome] += 1
         log.info("notify run: %s", report.as_dict())
         return report
 
@@ -112,6 +122,11 @@ class TrendNotifier:
         payload = json.dumps(message).encode()
         delivered = 0
         for sub_id, record in self.store.subscriptions(user):
+            problem = endpoint_problem(record["subscription"]["endpoint"], s.endpoint_hosts)
+            if problem:
+                report.failed += 1
+                log.warning("subscription %s of %s not sent to: %s", sub_id, user, problem)
+                continue
             status = self.send(record["subscription"], payload)
             if 200 <= status < 300:
                 delivered += 1

@@ -20,7 +20,9 @@ class WebPushSender:
         self.timeout_s = timeout_s
 
     def __call__(self, subscription: dict, payload: bytes) -> int:
-        """The push service's HTTP status; 0 when it could not be reached at all."""
+        """The push service's HTTP status; 0 when it could not be reached at all, or when
+        this one subscription could not be sent to (py_vapid or the encryption refusing it):
+        the notifier keeps it for the next run and goes on with the others."""
         try:
             response = webpush(
                 subscription_info=subscription,
@@ -35,5 +37,8 @@ class WebPushSender:
             return exc.response.status_code if exc.response is not None else 0
         except requests.RequestException as exc:
             log.warning("push service unreachable: %s", exc)
+            return 0
+        except Exception:
+            log.exception("could not send to a subscription (the notifier logs which)")
             return 0
         return response.status_code

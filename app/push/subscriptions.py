@@ -20,6 +20,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import redis
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from urllib3.exceptions import LocationParseError
+from urllib3.util import parse_url
 
 from app.keys import Keys
 from app.push.vapid import b64url_decode
@@ -27,6 +29,7 @@ from app.schemas import Id
 
 DAY_MS = 24 * 3600 * 1000
 ANNOUNCED_TTL_S = 30 * 24 * 3600  # a trend older than a month is no longer news anyway
+DEFAULT_PORTS = {"https": 443, "http": 80}
 
 Genre = Annotated[str, Field(min_length=1, max_length=64)]
 
@@ -93,18 +96,49 @@ class SubscriptionRequest(BaseModel):
         return value
 
 
+class UnsubscribeRequest(BaseModel):
+    """One device leaving push (the PWA sends it on sign-out). API keys are not tied to a
+    listener, so the endpoint is the proof of ownership: an unguessable URL the push service
+    gave that browser alone, never returned by any route."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: Id
+    endpoint: str = Field(min_length=8, max_length=2048)
+
+
 def endpoint_problem(endpoint: str, allowed_hosts: list[str]) -> str | None:
     """Why the server must not POST to this endpoint, or None. https to an allowed push
-    service; plain http only to an allowed loopback host (a local test push service)."""
+    service on its default port; plain http and other ports only to an allowed loopback host
+    (a local test push service).
+
+    The host checked must be the host connected to. Parsers disagree on odd URLs
+    (`https://10.0.0.5\\@fcm.googleapis.com/` is fcm.googleapis.com to urlsplit but 10.0.0.5 to
+    urllib3, which requests and so pywebpush use), so the URL is read with both and refused
+    unless they agree; user:password@, backslashes and control characters, which no push
+    service's endpoint has, are refused outright."""
+    if "\\" in endpoint or any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in endpoint):
+        return "endpoint must not contain backslashes, spaces or control characters"
     parts = urlsplit(endpoint)
-    host = (parts.hostname or "").lower()
-    if not host or parts.scheme not in ("https", "http"):
+    try:
+        seen = parse_url(endpoint)
+        port = parts.port
+    except (LocationParseError, ValueError):
+        return "endpoint is not a valid URL"
+    if parts.scheme not in ("https", "http") or not parts.hostname:
         return "endpoint must be an http(s) URL"
+    if "@" in parts.netloc or seen.auth is not None:
+        return "endpoint must not carry user:password@"
+    host = parts.hostname.lower()
+    if (seen.host or "").strip("[]").lower() != host or seen.port != port:
+        return "endpoint is ambiguous: its host reads differently to different URL parsers"
     allowed = any(host == h or host.endswith("." + h) for h in allowed_hosts)
     if not allowed:
         return f"endpoint host {host!r} is not an allowed push service"
     if parts.scheme == "http" and not _is_loopback(host):
         return "endpoint must use https"
+    if port not in (None, DEFAULT_PORTS[parts.scheme]) and not _is_loopback(host):
+        return f"endpoint must use the default port of {parts.scheme}"
     return None
 
 
@@ -145,6 +179,9 @@ class SubscriptionStore:
         pipe.hset(name, sub_id, json.dumps(record))
         pipe.hset(self.keys.push_profile(user), mapping={"timezone": request.timezone, "genres": json.dumps(request.genres)})
         pipe.execute()
+        # And join again after it: a remove() of this listener's last device may have found
+        # the hash empty and left the walk between the two (see remove()).
+        self.client.sadd(self.keys.push_users(), user)
         subs = self.subscriptions(user)
         for old_id, _ in sorted(subs, key=lambda s: (s[1].get("seq", 0), s[1]["created_at_ms"]))[: max(0, len(subs) - self.max_per_user)]:
             self.remove(user, old_id)
@@ -180,9 +217,23 @@ class SubscriptionStore:
             pipe.expire(announced, ANNOUNCED_TTL_S)
         pipe.execute()
 
-    def remove(self, user_id: str, sub_id: str) -> None:
-        """Forget one device; a listener with no device left leaves the notifier's walk."""
+    def remove(self, user_id: str, sub_id: str) -> bool:
+        """Forget one device (False: it was not there); a listener with no device left leaves
+        the notifier's walk.
+
+        The walk's set is one global key and the devices a per-listener hash tag, so on a Redis
+        Cluster no MULTI or script may touch both. Instead each side looks again after its own
+        write: this looks at the hash after leaving the set (and rejoins if a device arrived),
+        add() joins after its MULTI. Whichever runs last sees the other's write, so a listener
+        with a device is never left out of the walk."""
         name = self.keys.push_subscriptions(user_id)
-        self.client.hdel(name, sub_id)
+        removed = bool(self.client.hdel(name, sub_id))
         if not self.client.hlen(name):
             self.client.srem(self.keys.push_users(), user_id)
+            if self.client.hlen(name):
+                self.client.sadd(self.keys.push_users(), user_id)
+        return removed
+
+    def remove_endpoint(self, user_id: str, endpoint: str) -> bool:
+        """Forget the device with this endpoint (the browser unsubscribed, or signed out)."""
+        return self.remove(user_id, subscription_id(endpoint))

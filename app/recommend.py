@@ -58,16 +58,20 @@ class UserFeatures:
     different latent space and must not be scored against the current item factors."""
     stale: bool = False
     """Features came from the replica's local snapshot because the online store was down."""
+    seen_weights: np.ndarray | None = None
+    """The weight CF training gave each of `seen_tracks` (cf.event_weights summed: 0 for a track
+    only skipped or disliked), so a fold-in solves what training solved. None (features
+    materialised before this field): every seen track weighs 1."""
 
     def __reduce_ex__(self, protocol: int):
-        """Features go to three stages per request: ids as one string each, the vector as a
-        buffer (app/wire.py)."""
+        """Features go to three stages per request: ids as one string each, the vectors as
+        buffers (app/wire.py)."""
         p = self.prefs
         return _user_features, (
             self.user_id, self.known, *buffer(self.cf_vector, protocol),
             ids(self.recent_tracks), ids(self.seen_tracks), ids(self.heard_recently), ids(self.online_recent), self.n_plays,
             p.allow_explicit, ids(p.blocked_tracks), ids(p.blocked_artists),
-            self.trending, self.popular, self.feature_version, self.cf_version, self.stale,
+            self.trending, self.popular, self.feature_version, self.cf_version, self.stale, *buffer(self.seen_weights, protocol),
         )
 
     @property
@@ -84,11 +88,12 @@ class UserFeatures:
 def _user_features(
     user_id, known, vector, vector_dtype, recent, seen, heard, online, n_plays,
     allow_explicit, blocked_tracks, blocked_artists, trending, popular, feature_version, cf_version, stale,
+    seen_weights, seen_weights_dtype,
 ) -> UserFeatures:
     return UserFeatures(
         user_id, known, array(vector, vector_dtype), id_list(recent), id_list(seen), id_list(heard), id_list(online), n_plays,
         UserPrefs(allow_explicit, set(id_list(blocked_tracks)), set(id_list(blocked_artists))),
-        trending, popular, feature_version, cf_version, stale,
+        trending, popular, feature_version, cf_version, stale, array(seen_weights, seen_weights_dtype),
     )
 
 
@@ -430,6 +435,7 @@ def user_features_from_row(
         cf_vector=row.get("cf_vector"),
         recent_tracks=row.get("recent_tracks", []),
         seen_tracks=row.get("seen_tracks", []),
+        seen_weights=row.get("seen_weights"),
         heard_recently=row.get("heard_recently", row.get("seen_tracks", [])),
         n_plays=row.get("n_plays", 0),
         **common,

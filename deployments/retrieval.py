@@ -24,8 +24,9 @@ from deployments.tuning import ModelServing, candidates_for
 
 def fold_in_vector(features: UserFeatures, bundle: ModelBundle, model, fresh_weight: float) -> np.ndarray | None:
     """The user's vector with plays since the last training folded in (exact ALS half-step
-    over their whole known history, fresh plays weighted `fresh_weight`: they say what the
-    listener wants now), so one new session changes the next recommendations."""
+    over their whole known history, weighted as training weighed it, fresh plays weighted
+    `fresh_weight`: they say what the listener wants now), so one new session changes the next
+    recommendations."""
     fresh = [t for t in features.fresh_plays if t in bundle.index]
     current = features.cf_version is None or features.cf_version == bundle.versions.get("cf")
     if model is None:
@@ -33,11 +34,15 @@ def fold_in_vector(features: UserFeatures, bundle: ModelBundle, model, fresh_wei
     if not fresh and current:
         return features.cf_vector
     # New plays, or a stored vector from another model version: solve from the history.
-    history = [t for t in features.seen_tracks if t in bundle.index]
+    # A skipped or disliked track weighed 0 in training: it is no evidence of taste here either.
+    seen, seen_weights = features.seen_tracks, features.seen_weights
+    if seen_weights is None or len(seen_weights) != len(seen):
+        seen_weights = np.ones(len(seen))
+    history = [(t, w) for t, w in zip(seen, np.asarray(seen_weights, dtype=np.float64).tolist()) if w > 0 and t in bundle.index]
     if not history and not fresh:
         return None
-    items = bundle.indices(history + fresh)
-    weights = np.concatenate([np.ones(len(history)), np.full(len(fresh), fresh_weight)])
+    items = bundle.indices([t for t, _ in history] + fresh)
+    weights = np.concatenate([np.asarray([w for _, w in history], dtype=np.float64), np.full(len(fresh), fresh_weight)])
     return model.fold_in(items, weights)
 
 

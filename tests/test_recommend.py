@@ -264,7 +264,7 @@ EVERY_FIELD_SET = [
     UserFeatures(
         "u", True, np.array([0.5, -1.0], dtype=np.float32), ["t1", "t2"], ["t2"], ["t3", "t4"], ["t5"], 7,
         UserPrefs(allow_explicit=False, blocked_tracks={"t6", "t7"}, blocked_artists={"a1"}),
-        [("t8", 2.0)], [("t9", 1.0)], "ns1", "v1", True,
+        [("t8", 2.0)], [("t9", 1.0)], "ns1", "v1", True, np.array([4.0], dtype=np.float32),
     ),
 ]
 BY_ID = [
@@ -376,3 +376,20 @@ def test_stored_vector_of_another_model_version_is_replaced_by_a_fold_in():
     assert refreshed[0] > refreshed[1]  # t0, t1 live on the first factor
     fresh = UserFeatures("u", True, cf_vector=stored, seen_tracks=["t0"], online_recent=["t5", "t6"], cf_version="v1")
     assert fold_in_vector(fresh, b, model, 3.0)[1] > 0  # the new session pulls towards the second factor
+
+
+def test_fold_in_weighs_the_history_as_training_did():
+    """A skipped or disliked track weighed 0 in training and a like 4: the request-time fold-in
+    solves the same problem, plus the fresh plays at their own weight."""
+    from deployments.retrieval import fold_in_vector
+    from training.als import ImplicitALS
+
+    b = bundle()
+    model = ImplicitALS.from_factors(np.zeros((1, 2), np.float32), b.item_factors, regularization=1.0, alpha=10.0)
+    f = UserFeatures(
+        "u", True, seen_tracks=["t0", "t4", "t5"], seen_weights=np.array([4.0, 0.0, 0.0], dtype=np.float32),
+        online_recent=["t1"], cf_version="v1",
+    )
+    expected = model.fold_in(b.indices(["t0", "t1"]), np.array([4.0, 3.0]))
+    np.testing.assert_allclose(fold_in_vector(f, b, model, 3.0), expected)
+    assert expected[1] == pytest.approx(0.0, abs=1e-6)  # the skipped t4, t5 (second factor) pulled nothing

@@ -86,22 +86,33 @@ def extract_audio(settings: Settings, tracks: pd.DataFrame, extractor: type = Au
     `content.crash_retries` times and then dropped; its tracks are analysed again one per
     batch, which isolates the culprit: a track that still fails alone gets an
     `analysis_failed` row, to be dead-lettered like any bad audio, and the rest of its batch
-    is analysed. If every batch of the first pass failed, the fault is not in the data (a
-    broken install, say) and the job fails instead of retrying each track."""
+    is analysed. If every batch of the first pass failed, each may hold a bad file (a
+    catalogue of one batch with one, say) or nothing can be analysed at all (a broken install,
+    where every track would crash alone too). The first batch's tracks, analysed alone, tell
+    which: if none of them gets through either, the job fails rather than crash once per
+    track of the catalogue; otherwise the rest follow one per batch."""
     from training.content import ANALYSIS_COLUMNS, unanalysed
 
     cfg = settings.content
-    analysed = _analyse(settings, tracks, cfg.batch_size, extractor)
+    analysed = _analyse(settings, tracks, extractor, alone=False)
     lost = tracks[~tracks["track_id"].isin(analysed["track_id"])]
     if lost.empty:
         return analysed
-    if len(lost) == len(tracks):
-        raise RuntimeError(
-            f"every batch of audio analysis failed ({len(tracks)} tracks), so the fault is not one track's audio; "
-            "the job log has each batch's error"
-        )
     log.warning("%d tracks were in failed batches; analysing them one per batch to find the culprits", len(lost))
-    again = _analyse(settings, lost, 1, extractor)
+    if len(lost) == len(tracks):
+        # With batch_size 1 the first pass already analysed every track alone.
+        probe = lost.iloc[: cfg.batch_size] if cfg.batch_size > 1 else lost
+        again = _analyse(settings, probe, extractor, alone=True) if cfg.batch_size > 1 else analysed
+        if again.empty:
+            raise RuntimeError(
+                f"every batch of audio analysis failed ({len(tracks)} tracks), and so did each of {len(probe)} tracks "
+                "analysed alone: the fault is not one track's audio; the job log has each batch's error"
+            )
+        rest = lost.iloc[len(probe) :]
+        if not rest.empty:
+            again = pd.concat([again, _analyse(settings, rest, extractor, alone=True)], ignore_index=True)
+    else:
+        again = _analyse(settings, lost, extractor, alone=True)
     crashed = lost[~lost["track_id"].isin(again["track_id"])]
     for track_id, path in zip(crashed["track_id"], crashed["audio_path"]):
         log.warning("track %s failed its analysis alone in its batch: %s", track_id, path)
@@ -114,19 +125,25 @@ def extract_audio(settings: Settings, tracks: pd.DataFrame, extractor: type = Au
     return pd.concat([analysed, again, crashed_rows], ignore_index=True)
 
 
-def _analyse(settings: Settings, tracks: pd.DataFrame, batch_size: int, extractor: type) -> pd.DataFrame:
-    """One pass of the actor pool. The rows of a batch that failed (its actor died on every
-    try, or it raised) are missing from the result; Ray Data logs each with its error."""
+def _analyse(settings: Settings, tracks: pd.DataFrame, extractor: type, alone: bool) -> pd.DataFrame:
+    """One pass of the actor pool, in batches of `content.batch_size` or, `alone`, of one
+    track. The rows of a batch that failed (its actor died on every try, or it raised) are
+    missing from the result; Ray Data logs each with its error.
+
+    Alone, an actor holds one batch at a time and a batch is retried at least once: a batch
+    queued on (or handed to) the actor its culprit just killed would otherwise fail with it,
+    and be reported as a culprit itself."""
     import ray
     from ray.data import DataContext
 
     cfg = settings.content
+    batch_size = 1 if alone else cfg.batch_size
     DataContext.get_current().enable_progress_bars = True  # the operator progress lines in the job log
     ds = track_blocks(tracks, batch_size).map_batches(
         extractor,
         fn_constructor_kwargs={"sample_rate": cfg.sample_rate, "max_seconds": cfg.analysis_seconds},
         # Ray 2.51+ deprecates `concurrency=` for a fixed pool in favour of this.
-        compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
+        compute=ray.data.ActorPoolStrategy(size=cfg.concurrency, max_tasks_in_flight_per_actor=1 if alone else None),
         batch_size=batch_size,
         batch_format="pandas",
         num_cpus=cfg.cpus_per_actor,
@@ -134,7 +151,7 @@ def _analyse(settings: Settings, tracks: pd.DataFrame, batch_size: int, extracto
         # of times, not for ever (the default: that hung the job on a batch that killed its actor
         # every time), and then dropped without failing the job (max_errored_blocks). Ray 2.60
         # has no named parameter for this, hence its deprecation warning on `ray_remote_args`.
-        max_task_retries=cfg.crash_retries,
+        max_task_retries=max(cfg.crash_retries, 1) if alone else cfg.crash_retries,
     )
     ds.context.max_errored_blocks = -1
     analysed = ds.to_pandas()

@@ -69,6 +69,15 @@ def user_history(
     return out
 
 
+def release_ms(dates: pd.Series) -> pd.Series:
+    """Epoch milliseconds of each date, a missing one left missing (nullable Int64, so the
+    field is absent from its row). Computed as a duration, not read off the datetime's integer
+    storage: that counts in whatever unit the catalogue happened to store (the world writes ms,
+    normalise_catalog µs), and stores a missing date as the smallest int64."""
+    since_epoch = pd.to_datetime(dates, utc=True) - pd.Timestamp(0, tz="UTC")
+    return (since_epoch // pd.Timedelta(milliseconds=1)).astype("Int64")
+
+
 def build_views(settings: Settings, store: ArtifactStore) -> tuple[dict[str, pd.DataFrame], dict, pd.Timestamp | None]:
     """Rows of each view (index: entity id), the artifact versions used, and the data cut-off."""
     content = store.latest("content")
@@ -95,7 +104,7 @@ def build_views(settings: Settings, store: ArtifactStore) -> tuple[dict[str, pd.
             if col in t:
                 track_rows[col] = t[col]
         if "release_date" in t:
-            track_rows["release_ms"] = pd.to_datetime(t["release_date"], utc=True).astype("int64") // 10**6
+            track_rows["release_ms"] = release_ms(t["release_date"])
         track_rows["embedding"] = list(np.load(content.file("embeddings.npy")))
         if trending is not None:
             plays = pd.read_parquet(trending.file("popular.parquet")).set_index("track_id")["score"]

@@ -18,8 +18,10 @@ of the aggregated interactions). The published factors are then fitted on all th
 Input rules: ids may be strings or non-contiguous integers (they are mapped to contiguous
 indices; `users.parquet`/`items.parquet` hold the original ids in row order); duplicate events
 add up; users and items with a single event are kept (ALS gives them a vector; they just count
-little); rows without a user or track id are counted as `dropped_rows` and skipped. No usable
-interaction at all fails the job with a message saying so, and the previous version stays.
+little); rows without a user or track id (`dropped_rows`) and rows whose event type is missing
+or unknown (`unknown_event_type_rows`) are counted, dead-lettered with that reason and skipped;
+a known type the weights leave out (a pause, say) weighs 0. No usable interaction at all fails
+the job with a message saying so, and the previous version stays.
 Hyperparameter defaults come from `jobs.evaluate_cf` (a grid on a validation split).
 """
 
@@ -35,6 +37,7 @@ import scipy.sparse as sp
 
 from app.artifacts import ArtifactStore
 from app.config import CFSettings, Settings
+from app.schemas import EventType
 from jobs.common import event_files, timed
 
 log = logging.getLogger(__name__)
@@ -48,24 +51,29 @@ class WeightEvents:
     """Weigh events by type and sum per (user, track) within one batch; skips weigh 0 and go.
 
     A partial aggregate per batch keeps the shuffle off Ray Data (its hash groupby is much
-    slower than pandas at these sizes); the driver sums the partials.
+    slower than pandas at these sizes); the driver sums the partials. A row that is no usable
+    event passes through as it came, with its `reason`, for the driver to count and dead-letter.
     """
+
+    COLUMNS = ["user_id", "track_id", "weight", "event_type", "reason"]
 
     def __init__(self, weights: dict[str, float]):
         self.weights = weights
+        self.known_types = {t.value for t in EventType} | set(weights)
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         weight = batch["event_type"].map(self.weights).fillna(0.0).astype("float64")
-        valid = batch["user_id"].notna() & batch["track_id"].notna()
+        has_ids = batch["user_id"].notna() & batch["track_id"].notna()
+        valid = has_ids & batch["event_type"].isin(self.known_types)
         out = batch.loc[valid & (weight > 0), ["user_id", "track_id"]].copy()
         out["weight"] = weight[valid & (weight > 0)]
         out = out.groupby(["user_id", "track_id"], as_index=False, sort=False)["weight"].sum()
-        out["dropped"] = 0
-        # Rows without ids pass through as they came (same column types) so the driver counts them.
-        missing = batch.loc[~valid, ["user_id", "track_id"]].copy()
-        missing["weight"] = 0.0
-        missing["dropped"] = 1
-        return pd.concat([out, missing], ignore_index=True) if len(missing) else out
+        out["event_type"] = None
+        out["reason"] = None
+        bad = batch.loc[~valid, ["user_id", "track_id", "event_type"]].copy()
+        bad["weight"] = 0.0
+        bad["reason"] = np.where(has_ids[~valid], "unknown_event_type", "no_user_or_track_id")
+        return (pd.concat([out, bad], ignore_index=True) if len(bad) else out)[self.COLUMNS]
 
 
 def load_interactions(settings: Settings) -> tuple[pd.DataFrame, dict]:
@@ -79,15 +87,35 @@ def load_interactions(settings: Settings) -> tuple[pd.DataFrame, dict]:
         )
     ds = ray.data.read_parquet(files, columns=["user_id", "track_id", "event_type"])
     partial = ds.map_batches(WeightEvents(dict(settings.cf.event_weights)), batch_format="pandas").to_pandas()
-    dropped = int(partial["dropped"].sum()) if len(partial) else 0
-    partial = partial[partial["user_id"].notna() & partial["track_id"].notna()]
-    agg = partial.groupby(["user_id", "track_id"], as_index=False, sort=False)["weight"].sum()
+    if partial.empty:
+        partial = pd.DataFrame(columns=WeightEvents.COLUMNS)
+    bad = partial[partial["reason"].notna()]
+    _dead_letter(settings, bad)
+    agg = partial[partial["reason"].isna()].groupby(["user_id", "track_id"], as_index=False, sort=False)["weight"].sum()
     snapshot = {
         "source": "events",
         "files": [{"path": f, "bytes": Path(f).stat().st_size} for f in files],
-        "dropped_rows": dropped,
+        "dropped_rows": int((bad["reason"] == "no_user_or_track_id").sum()),
+        "unknown_event_type_rows": int((bad["reason"] == "unknown_event_type").sum()),
     }
     return agg, snapshot
+
+
+def _dead_letter(settings: Settings, bad: pd.DataFrame, chunk: int = 1000) -> None:
+    """Each row that is no usable event, with its reason; pipelined, as an old export may hold many."""
+    if bad.empty:
+        return
+    from app.events.dead_letter import DeadLetterQueue
+    from app.redis_server import connect
+
+    client = connect(settings)
+    log.warning("%d event rows are not usable events; dead-lettered by reason: %s", len(bad), bad["reason"].value_counts().to_dict())
+    for start in range(0, len(bad), chunk):
+        pipe = client.pipeline(transaction=False)
+        for row in bad.iloc[start : start + chunk].to_dict("records"):
+            record = {k: None if pd.isna(row[k]) else row[k] for k in ("user_id", "track_id", "event_type")}
+            pipe.xadd(settings.redis.dead_letter_key, DeadLetterQueue.entry("train_cf", record, row["reason"]))
+        pipe.execute()
 
 
 def load_movielens(settings: Settings) -> tuple[pd.DataFrame, dict]:

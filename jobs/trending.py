@@ -13,14 +13,16 @@ and state.parquet (smoothing state for the next run); the lists go to Redis in o
 
 `now` is the time of the latest event unless given (`--now`), so a replayed or simulated
 history trends as it did at its end rather than relative to the wall clock. Events at or after
-`now`, events without track or timestamp and events of tracks missing from the catalogue are
-counted in the summary, never scored and never fatal.
+`now`, events without track or timestamp and events of tracks missing from the catalogue (the
+one the content job embeds: `content.catalog_path`, else the world's) are counted in the
+summary, never scored and never fatal.
 """
 
 from __future__ import annotations
 
 import logging
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -38,6 +40,8 @@ from jobs.common import event_files, timed
 log = logging.getLogger(__name__)
 
 CATALOGUE_COLUMNS = ["track_id", "release_date", "artist_id", "genre", "category"]
+CATALOGUE_SOURCE_COLUMNS = {*CATALOGUE_COLUMNS, "genres", "release_year", "year", "artist", "artist_name"}
+"""What CATALOGUE_COLUMNS are read or derived from (app/data/audio_catalog.py's aliases)."""
 
 
 def latest_event_ms(files: list[str]) -> int | None:
@@ -82,12 +86,29 @@ def aggregate_events(files: list[str], now_ms: int, settings: TrendingSettings, 
     return combine([pickle.loads(blob) for blob in blobs])
 
 
+def catalogue_path(settings: Settings) -> Path:
+    """The catalogue the content job embeds: `content.catalog_path`, else the world's."""
+    return Path(settings.content.catalog_path or settings.paths.world_dir / "tracks.parquet").expanduser()
+
+
 def read_catalogue(settings: Settings) -> pd.DataFrame | None:
-    path = settings.paths.world_dir / "tracks.parquet"
+    """CATALOGUE_COLUMNS of the catalogue, normalised as the content job normalises it (column
+    aliases; a main genre and a release date derived when it has none); a row that cannot be a
+    track is left out (the content job dead-letters it). None when the simulated world's
+    catalogue is absent, and then no event counts as of an unknown track."""
+    from app.data.audio_catalog import normalise_catalog
+
+    path = catalogue_path(settings)
     if not path.exists():
+        if settings.content.catalog_path:
+            raise FileNotFoundError(f"content.catalog_path {path} does not exist")
         return None
     names = pq.read_schema(path).names
-    return pd.read_parquet(path, columns=[c for c in CATALOGUE_COLUMNS if c in names])
+    raw = pd.read_parquet(path, columns=[c for c in names if c in CATALOGUE_SOURCE_COLUMNS])
+    tracks, rejected = normalise_catalog(raw.assign(audio_path=None))  # it insists on audio; trending reads none
+    if len(rejected):
+        log.info("catalogue %s: %d rows are not tracks (no id, or a repeated one)", path, len(rejected))
+    return tracks[[c for c in CATALOGUE_COLUMNS if c in tracks]]
 
 
 def build_lists(

@@ -82,30 +82,64 @@ def write_events(folder, rows: list[tuple]) -> None:
     frame.to_parquet(folder / "part-0.parquet")
 
 
-def job_settings(tmp_path, **cf):
+def job_settings(tmp_path, redis_url: str | None = None, **cf):
+    import uuid
+
     from app.config import settings_from_args
 
     cf = {"factors": 4, "iterations": 3, "ray_workers": 1, "ray_cpus_per_worker": 0.25, **cf}
-    return settings_from_args({"paths": {"state_dir": str(tmp_path)}, "cf": cf})
+    redis = {"url": redis_url, "dead_letter_key": f"dlq:{uuid.uuid4().hex}"} if redis_url else {}
+    return settings_from_args({"paths": {"state_dir": str(tmp_path)}, "cf": cf, "redis": redis})
+
+
+def test_unusable_event_rows_pass_through_with_their_reason():
+    """Summed weights for usable rows; a known type without weight (pause) just weighs 0; a row
+    without ids or with a missing or unknown type comes back as it was, with why."""
+    import pandas as pd
+
+    from jobs.train_cf import WeightEvents
+
+    batch = pd.DataFrame(
+        {
+            "user_id": ["u1", "u1", "u1", None, "u2", "u3", "u4"],
+            "track_id": ["t1", "t1", "t2", "t1", None, "t1", "t1"],
+            "event_type": ["play", "like", "pause", "play", "like", "teleport", None],
+        }
+    )
+    out = WeightEvents({"play": 1.0, "like": 4.0})(batch)
+    usable = out[out["reason"].isna()]
+    assert usable[["user_id", "track_id", "weight"]].values.tolist() == [["u1", "t1", 5.0]]
+    bad = out[out["reason"].notna()].astype(object).where(out.notna(), None)
+    assert bad[["user_id", "track_id", "event_type", "reason"]].values.tolist() == [
+        [None, "t1", "play", "no_user_or_track_id"],
+        ["u2", None, "like", "no_user_or_track_id"],
+        ["u3", "t1", "teleport", "unknown_event_type"],
+        ["u4", "t1", None, "unknown_event_type"],
+    ]
 
 
 @pytest.mark.ray
-def test_train_cf_job_publishes_evaluated_artifact(ray_cluster, tmp_path):
-    """String and non-contiguous ids, duplicates, single-event users, skips and missing ids."""
+def test_train_cf_job_publishes_evaluated_artifact(ray_cluster, redis_server, tmp_path):
+    """String and non-contiguous ids, duplicates, single-event users, skips, missing ids and
+    unknown event types (those two counted and dead-lettered)."""
     import json
 
     import pandas as pd
+    import redis
 
     from app.artifacts import ArtifactStore
+    from app.events.dead_letter import DeadLetterQueue
     from jobs.train_cf import train_cf
 
     rng = np.random.default_rng(0)
     rows = [(f"u{u * 7}", f"t{rng.integers(0, 30) * 3}", "play") for u in range(40) for _ in range(12)]
     rows += [("u7", "t0", "play")] * 3 + [("u7", "t0", "like")]  # duplicates add up
     rows += [("lonely", "t999", "play"), ("u0", "t3", "skip"), (None, "t3", "play"), ("u0", None, "like")]
+    rows += [("u0", "t3", "teleport"), ("u0", "t3", None)]
     write_events(tmp_path / "events" / "date=2024-01-01", rows)
 
-    summary = train_cf(job_settings(tmp_path))
+    settings = job_settings(tmp_path, redis_server.url)
+    summary = train_cf(settings)
     store = ArtifactStore(tmp_path / "artifacts")
     artifact = store.latest("cf")
     assert summary["version"] == artifact.version and store.verify(artifact) == []
@@ -116,6 +150,10 @@ def test_train_cf_job_publishes_evaluated_artifact(ray_cluster, tmp_path):
     assert np.load(artifact.file("item_factors.npy")).shape == (len(items), 4)
     manifest = json.loads(artifact.file("manifest.json").read_text())
     assert manifest["data"]["dropped_rows"] == 2 and len(manifest["data"]["interactions_sha256"]) == 64
+    assert manifest["data"]["unknown_event_type_rows"] == 2
+    dead = DeadLetterQueue(redis.Redis.from_url(redis_server.url), settings.redis.dead_letter_key).entries()
+    assert sorted((e["source"], e["reason"]) for e in dead) == [("train_cf", "no_user_or_track_id")] * 2 + [("train_cf", "unknown_event_type")] * 2
+    assert any(json.loads(e["record"]) == {"user_id": "u0", "track_id": "t3", "event_type": "teleport"} for e in dead)
     assert set(manifest["metrics"]["als"]) >= {"ndcg", "precision", "recall", "map", "hit_rate", "coverage"}
     assert manifest["model"] == "RayALS" and manifest["params"]["ray_workers"] == 1
     assert set(manifest["files"]) == {"users.parquet", "items.parquet", "user_factors.npy", "item_factors.npy"}

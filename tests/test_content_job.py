@@ -224,14 +224,21 @@ class RaisesOnTrackT3(FailsOnTrackT3):
     raises = True
 
 
+class FailsOnTracksT3AndT5(FailsOnTrackT3):
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        if batch["track_id"].isin(["t3", "t5"]).any():
+            os._exit(1)
+        return batch[["track_id"]].assign(error_reason=None)
+
+
 class DiesOnEveryBatch(FailsOnTrackT3):
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         os._exit(1)
 
 
-def _audio_settings(tmp_path, crash_retries: int):
+def _audio_settings(tmp_path, crash_retries: int, batch_size: int = 2):
     return settings_from_args(
-        {"paths": {"state_dir": str(tmp_path)}, "content": {"batch_size": 2, "concurrency": 1, "crash_retries": crash_retries}}
+        {"paths": {"state_dir": str(tmp_path)}, "content": {"batch_size": batch_size, "concurrency": 1, "crash_retries": crash_retries}}
     )
 
 
@@ -249,6 +256,24 @@ def test_a_track_that_fails_its_batch_every_time_costs_only_itself(ray_cluster, 
     assert analysis.loc["t3", "error_reason"] == "analysis_failed"
     assert "/music/t3.ogg" in analysis.loc["t3", "error"]
     assert analysis.drop(index="t3")["error_reason"].isna().all()
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize(
+    "batch_size, extractor, culprits",
+    [(8, FailsOnTrackT3, ["t3"]), (4, FailsOnTracksT3AndT5, ["t3", "t5"])],
+    ids=["one-batch-catalogue", "a-culprit-in-every-batch"],
+)
+def test_every_batch_failing_on_a_bad_file_still_costs_only_the_bad_files(ray_cluster, tmp_path, batch_size, extractor, culprits):
+    """Every batch of the first pass fails, yet each because of one file: a catalogue that
+    fits in one batch, or a bad file in each batch. The other tracks are analysed."""
+    from jobs.embed_content import extract_audio
+
+    settings = _audio_settings(tmp_path, crash_retries=0, batch_size=batch_size)
+    analysis = extract_audio(settings, TRACKS, extractor=extractor).set_index("track_id")
+    assert sorted(analysis.index) == sorted(TRACKS["track_id"])
+    assert sorted(analysis.index[analysis["error_reason"] == "analysis_failed"]) == culprits
+    assert analysis.drop(index=culprits)["error_reason"].isna().all()
 
 
 @pytest.mark.timeout(180)

@@ -60,9 +60,23 @@ def test_point_in_time_uses_the_snapshot_valid_at_each_event(tmp_path):
         }
     )
     joined = offline.point_in_time(USER, events)
-    assert joined["n_plays"].tolist()[1:] == [1, 5, 50]
+    # The event at 2026-01-10 is n2's latest event, so n2 was built from it: it gets n1's
+    # features, not its own label's.
+    assert joined["n_plays"].tolist()[1:] == [1, 1, 50]
     assert pd.isna(joined["n_plays"].iloc[0])  # before any snapshot: no features, no leakage
     assert joined["entity_id"].tolist() == ["u1", "u1", "u1", "u2"]
+
+
+def test_point_in_time_takes_the_later_of_two_snapshots_with_the_same_data(tmp_path):
+    """A re-materialisation over the same events (a new model, say) supersedes the earlier one
+    for every entity, however many there are."""
+    offline = OfflineSnapshots(tmp_path)
+    users = [f"u{i}" for i in range(300)]
+    for ns, plays in [("20260101T000000000000Z-aaaaaa", 1), ("20260101T010000000000Z-bbbbbb", 2)]:
+        offline.write(ns, USER, pd.DataFrame({"n_plays": plays}, index=users), pd.Timestamp("2026-01-01", tz="UTC"))
+        offline.finish(ns, REGISTRY, {"as_of": "2026-01-01"})
+    events = pd.DataFrame({"entity_id": users, "timestamp": pd.Timestamp("2026-01-02", tz="UTC")})
+    assert set(offline.point_in_time(USER, events)["n_plays"]) == {2}
 
 
 def test_shared_lists_are_read_once_per_interval_and_survive_an_outage(tmp_path):

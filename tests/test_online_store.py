@@ -147,3 +147,40 @@ def test_empty_lists_roundtrip_and_separator_in_items_is_refused(store):
     assert row == {"recent_tracks": [], "n_plays": 0}
     with pytest.raises(ValueError, match="recent_tracks"):
         store.write("v1", USER, [("u1", {"recent_tracks": ["a\x1fb"]})])
+
+
+# --- what jobs.materialize writes ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("unit", ["ms", "us", "ns"])
+def test_release_date_materialises_as_epoch_ms_whatever_its_unit_and_a_missing_one_is_absent(
+    unit, tmp_path, redis_server, redis_client
+):
+    """The world's catalogue stores ms, normalise_catalog's µs: both must reach serving's
+    recency boost as epoch milliseconds, and the offline snapshot must agree with Redis."""
+    import pandas as pd
+
+    from app.artifacts import ArtifactStore
+    from app.config import settings_from_args
+    from app.features.offline import OfflineSnapshots
+    from app.features.parity import compare_view
+    from jobs.materialize import OnlineWriter, build_views
+
+    settings = settings_from_args({"paths": {"state_dir": str(tmp_path)}})
+    store = ArtifactStore(settings.paths.artifacts_dir)
+    with store.publish("content") as out:
+        dates = pd.to_datetime(["2020-01-01", None], utc=True).as_unit(unit)
+        pd.DataFrame({"track_id": ["t1", "t2"], "genre": ["rock", "jazz"], "release_date": dates}).to_parquet(out / "tracks.parquet")
+        np.save(out / "embeddings.npy", np.eye(2, dtype=np.float32))
+    rows = build_views(settings, store)[0]["track_profile"]
+
+    frame = rows.rename_axis("entity_id").reset_index()  # as write_online hands it to its writers
+    OnlineWriter(redis_server.url, "test", "v1", TRACK.model_dump_json(), batch=10)(frame)
+    online = RedisOnlineStore(redis_client, Keys("test"))
+    dated, undated = online.read("v1", [(TRACK, "t1"), (TRACK, "t2")]).rows
+    assert dated["release_ms"] == 1577836800000
+    assert "release_ms" not in undated and undated["genre"] == "jazz"
+
+    offline = OfflineSnapshots(tmp_path / "features")
+    offline.write("v1", TRACK, rows, as_of=None)
+    assert compare_view(online, "v1", TRACK, offline.load(TRACK, "v1"), sample=10)["mismatches"] == 0

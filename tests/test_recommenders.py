@@ -18,7 +18,7 @@ from training.ease import EASE
 from training.knn import ItemKNN, bm25_weight, keep_top_per_row
 from training.nmf import NMFRecommender
 from training.popularity import Popularity
-from training.recommender import Recommender, UnknownUserError
+from training.recommender import Recommender, UnknownUserError, top_k
 
 GROUP = 6  # users and items per group
 
@@ -434,6 +434,22 @@ class TestNMF(RecommenderContract):
     def test_bad_hyperparameters(self, params):
         with pytest.raises(ValueError, match=next(iter(params))):
             NMFRecommender(**params)
+
+
+def test_top_k_breaks_a_tie_at_the_kth_place_by_the_smaller_id():
+    """Five items score 1 and four tie at 0 for the last two places: the smaller ids get them,
+    as every model promises, so a ranking never depends on argpartition's internals."""
+    scores = np.array([[1, 0, 0, 1, 1, 0, 0, 1, 1]], dtype=np.float32)
+    ids, best = top_k(scores, 7)
+    assert ids.tolist() == [[0, 3, 4, 7, 8, 1, 2]] and best.tolist() == [[1, 1, 1, 1, 1, 0, 0]]
+    # a scored candidate subset: the smaller item ids, whatever their columns
+    ids, _ = top_k(scores, 7, item_ids=np.array([90, 80, 70, 60, 50, 40, 30, 20, 10]))
+    assert ids.tolist() == [[10, 20, 50, 60, 90, 30, 40]]
+    # in a batch, a row short of eligible items is still padded to k with -1 / -inf
+    batch = np.vstack([scores, [[0, -np.inf, 0, -np.inf, 0, 0, -np.inf, -np.inf, -np.inf]]]).astype(np.float32)
+    ids, best = top_k(batch, 7)
+    assert ids.tolist() == [[0, 3, 4, 7, 8, 1, 2], [0, 2, 4, 5, -1, -1, -1]]
+    assert np.isneginf(best[1, 4:]).all()
 
 
 # --- quality against implicit ----------------------------------------------------------

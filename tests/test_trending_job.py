@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
+import redis
 
 from app.config import TrendingSettings, WorldSettings, settings_from_args
 from app.trending.aggregate import HOURLY, HourlyAggregator, combine, counters
@@ -123,6 +124,42 @@ def test_caps_per_artist_genre_and_category():
     assert out["track_id"].tolist() == ["a", "b", "d", "e"]
 
 
+def test_events_are_known_by_the_configured_catalogue_not_the_simulated_world(tmp_path):
+    """With content.catalog_path set, its tracks are the known ones (read with the content job's
+    column aliases), and a track only the simulated world has is unknown."""
+    from jobs.trending import build_lists, read_catalogue
+
+    catalogue = tmp_path / "catalogue.parquet"
+    settings = settings_from_args({"paths": {"state_dir": str(tmp_path)}, "content": {"catalog_path": str(catalogue)}})
+    settings.paths.world_dir.mkdir(parents=True)
+    pd.DataFrame({"track_id": ["w1"], "genre": ["rock"]}).to_parquet(settings.paths.world_dir / "tracks.parquet")
+    pd.DataFrame(
+        {"track_id": ["r1", "r2", None], "uri": ["s3://m/r1.ogg", "s3://m/r2.ogg", "s3://m/x.ogg"],
+         "genres": [["jazz"], ["rock", "pop"], []], "year": [2020, 2021, 2022], "artist": ["A", "B", "C"]}
+    ).to_parquet(catalogue)
+
+    known = read_catalogue(settings).set_index("track_id")
+    assert sorted(known.index) == ["r1", "r2"]  # the row without an id is no track
+    assert known.loc["r2", ["genre", "artist_id"]].tolist() == ["rock", "B"]
+    assert known.loc["r2", "release_date"] == pd.Timestamp("2021-01-01", tz="UTC")
+
+    plays = pd.DataFrame(
+        {"track_id": ["r1"] * 6 + ["r2"] * 4 + ["w1"] * 3, "event_type": "play",
+         "timestamp": NOW - pd.to_timedelta(np.arange(1, 14), unit="h")}
+    )
+    combined = combine([HourlyAggregator(to_now_ms(NOW), 168, 24, {"play": 1.0})(plays)])
+    counted = build_lists(combined, to_now_ms(NOW), TrendingSettings(), read_catalogue(settings), empty_state())["counters"]
+    assert counted["unknown_track"] == 3 and counted["scored"] == 10
+
+
+def test_a_configured_catalogue_that_is_missing_fails_loudly(tmp_path):
+    from jobs.trending import read_catalogue
+
+    settings = settings_from_args({"paths": {"state_dir": str(tmp_path)}, "content": {"catalog_path": str(tmp_path / "nope.parquet")}})
+    with pytest.raises(FileNotFoundError, match="content.catalog_path"):
+        read_catalogue(settings)
+
+
 @pytest.fixture(scope="module")
 def worlds(tmp_path_factory):
     from app.data.world import generate_world, load_world
@@ -186,3 +223,42 @@ def test_job_publishes_lists_served_by_the_api(worlds, tmp_path, redis_server, r
         assert {tuple(e["loc"]) for e in bad.json()["detail"]} == {("query", "k"), ("query", "genre")}
     finally:
         serve.delete("trending-test")
+
+
+class PauseBeforeDetails(redis.Connection):
+    """A connection that sends a pipeline in two writes, the commands before the detail hash's
+    HGETALL and then the rest, and runs `between` in the gap: another run's swap landing
+    exactly between top()'s two reads, as it can when the pipeline's bytes arrive apart."""
+
+    between = None
+
+    def pack_commands(self, commands):
+        return [b"".join(self.pack_command(*args)) for args in commands]  # one chunk per command
+
+    def send_packed_command(self, command, check_health=True):
+        heads = [bytes(c[:40]) for c in command] if isinstance(command, list) else []
+        split = next((i for i, head in enumerate(heads) if b"HGETALL" in head), None)
+        if not split or PauseBeforeDetails.between is None:
+            return super().send_packed_command(command, check_health)
+        between, PauseBeforeDetails.between = PauseBeforeDetails.between, None
+        super().send_packed_command(command[:split], check_health)
+        between()
+        return super().send_packed_command(command[split:], check_health)
+
+
+def test_a_swap_between_the_two_reads_of_top_never_mixes_two_runs(redis_server, redis_client):
+    """top() reads a list's ranks and its details; if a publish swaps both in between, each
+    track must still come with its own run's details (here: its score equals its rank score)."""
+    from app.trending.lists import TrendingLists
+
+    def run(tracks: str, score: float) -> dict:
+        frame = pd.DataFrame({"track_id": list(tracks), "rank_score": [score] * len(tracks), "score": [score] * len(tracks)})
+        return {"global": frame}
+
+    TrendingLists(redis_client, "pt").publish("v1", run("ab", 1.0), ttl_s=60)
+    pool = redis.ConnectionPool.from_url(redis_server.url, connection_class=PauseBeforeDetails)
+    reader = TrendingLists(redis.Redis(connection_pool=pool), "pt")
+    PauseBeforeDetails.between = lambda: TrendingLists(redis_client, "pt").publish("v2", run("cd", 2.0), ttl_s=60)
+    top = reader.top("global", k=5)
+    assert PauseBeforeDetails.between is None  # the swap did land between the two reads
+    assert top and all(item.get("score") == item["rank_score"] for item in top), top

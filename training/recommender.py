@@ -85,7 +85,7 @@ def top_k(
     if k == 0:
         return np.empty((n_rows, 0), dtype=np.int64), np.empty((n_rows, 0), dtype=scores.dtype)
     if k < n_cols:
-        cols = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        cols = _with_smallest_tied_ids(scores, np.argpartition(-scores, k - 1, axis=1)[:, :k], ids)
     else:
         cols = np.broadcast_to(np.arange(n_cols), (n_rows, n_cols))
     picked = np.take_along_axis(scores, cols, axis=1)
@@ -95,6 +95,33 @@ def top_k(
     out_ids = ids[cols].astype(np.int64)
     out_ids[np.isneginf(best)] = -1
     return out_ids, best
+
+
+def _with_smallest_tied_ids(scores: np.ndarray, cols: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """`cols` (an argpartition's k best columns per row), with the items tied at the k-th
+    score chosen by smallest id.
+
+    argpartition keeps an arbitrary subset of the items tied at the k-th place, which sorting
+    what it kept cannot repair. Only rows with such a tie left out (more than k columns score
+    at least the k-th score) are redone, so the common case costs one comparison pass. Ties at
+    -inf are left alone: filtered items come back as id -1 whichever they are.
+    """
+    k = cols.shape[1]
+    kth = np.take_along_axis(scores, cols, axis=1).min(axis=1, keepdims=True)
+    rows = np.flatnonzero((np.count_nonzero(scores >= kth, axis=1) > k) & (kth[:, 0] > -np.inf))
+    if rows.size == 0:
+        return cols
+    by_id = None if np.all(ids[:-1] <= ids[1:]) else np.argsort(ids, kind="stable")
+    sub, kth = scores[rows], kth[rows]
+    if by_id is not None:
+        sub = sub[:, by_id]  # columns in id order, so the first tied ones are the smallest ids
+    above, tied = sub > kth, sub == kth
+    wanted = k - np.count_nonzero(above, axis=1)[:, None]
+    keep = above | (tied & (np.cumsum(tied, axis=1, dtype=np.int32) <= wanted))
+    kept = np.nonzero(keep)[1].reshape(len(rows), k)
+    cols = np.array(cols)
+    cols[rows] = kept if by_id is None else by_id[kept]
+    return cols
 
 
 def cosine_to(vectors: np.ndarray, norms: np.ndarray, item: int) -> np.ndarray:

@@ -71,7 +71,11 @@ class OfflineSnapshots:
 
     def point_in_time(self, view: FeatureView, entities: pd.DataFrame) -> pd.DataFrame:
         """Join each (entity_id, timestamp) row with the view's values from the latest snapshot
-        whose data ends at or before that timestamp; rows before any snapshot get nulls."""
+        whose data ends strictly before that timestamp; rows before any snapshot get nulls.
+
+        Strictly: a snapshot's `as_of` is its latest event, so one ending at an event's own
+        time was built from that event, and its features would leak the label. Of snapshots
+        with the same `as_of`, the later materialisation (namespaces sort by time) wins."""
         snaps = self.namespaces()
         snaps = snaps[[self._file(view, ns).exists() for ns in snaps["namespace"]]]
         frames = [self.load(view, ns).assign(_ns=ns) for ns in snaps["namespace"]]
@@ -81,9 +85,9 @@ class OfflineSnapshots:
         left = left.reset_index(names="_row").sort_values("timestamp")
         if not frames:
             return left.sort_values("_row").drop(columns="_row").reset_index(drop=True)
-        right = pd.concat(frames, ignore_index=True).dropna(subset=["as_of"]).sort_values("as_of")
+        right = pd.concat(frames, ignore_index=True).dropna(subset=["as_of"]).sort_values(["as_of", "_ns"], kind="stable")
         right["as_of"] = pd.to_datetime(right["as_of"], utc=True).astype(left["timestamp"].dtype)
         joined = pd.merge_asof(
-            left, right, left_on="timestamp", right_on="as_of", by="entity_id", direction="backward", allow_exact_matches=True
+            left, right, left_on="timestamp", right_on="as_of", by="entity_id", direction="backward", allow_exact_matches=False
         )
         return joined.sort_values("_row").drop(columns=["_row", "_ns"]).reset_index(drop=True)

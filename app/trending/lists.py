@@ -106,9 +106,11 @@ class TrendingLists:
 
     def top(self, name: str, k: int, genre: str | None = None) -> list[dict]:
         """The first k tracks of a list, best first, with their details. `genre` filters the
-        list (a locale's list narrowed to one genre); one round trip either way."""
+        list (a locale's list narrowed to one genre); one round trip either way. The two reads
+        go in one MULTI: a swap landing between them would pair one run's ranks with the other
+        run's details."""
         span = -1 if genre else k - 1
-        pipe = self.client.pipeline(transaction=False)
+        pipe = self.client.pipeline(transaction=True)
         pipe.zrevrange(self._list(name), 0, span, withscores=True)
         pipe.hgetall(self._detail(name))
         ranked, details = pipe.execute()

@@ -262,7 +262,8 @@ class ContentSettings(Strict):
     crash_retries: int = Field(3, ge=0)
     """Times a batch whose extraction actor died (a decoder crashing in native code, a lost
     node) is retried on the restarted actor before it is set aside; its tracks are then
-    analysed one per batch, so one bad file costs only itself (jobs/embed_content.py
+    analysed one per batch (each retried at least once, so a track queued behind the culprit
+    on its actor is not blamed), so one bad file costs only itself (jobs/embed_content.py
     `extract_audio`). Raise it on preemptible nodes."""
     catalog_path: Path | None = None
     """Track catalogue Parquet (track_id, audio_path, artist_id, album, genres, release_year,

@@ -93,9 +93,10 @@ def export_pending(client, settings: Settings) -> tuple[bool, str]:
 
 
 def batch_fingerprints(settings: Settings, events_fp: str) -> dict[str, str]:
+    from jobs.trending import catalogue_path
     from training.content import AUDIO_FEATURE_VERSION  # here: librosa is slow to import
 
-    catalogue = settings.content.catalog_path or settings.paths.world_dir / "tracks.parquet"
+    catalogue = catalogue_path(settings)  # both jobs read it: a new catalogue re-runs both
     return {
         # The feature version too: features defined differently need a new artifact, which
         # cold start insists on (training/cold_start.py), even when no input changed.
@@ -104,7 +105,7 @@ def batch_fingerprints(settings: Settings, events_fp: str) -> dict[str, str]:
         ),
         "cf": fingerprint("cf", events_fp, settings.cf.model_dump(mode="json")),
         "trending": fingerprint(
-            "trending", events_fp, file_digest(settings.paths.world_dir / "tracks.parquet"), settings.trending.model_dump(mode="json")
+            "trending", events_fp, file_digest(catalogue), settings.trending.model_dump(mode="json")
         ),
     }
 

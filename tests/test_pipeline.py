@@ -142,6 +142,21 @@ def test_a_new_audio_feature_definition_reruns_only_the_content_job(first_run, m
     assert (after["cf"], after["trending"]) == (before["cf"], before["trending"])
 
 
+def test_a_changed_catalogue_reruns_content_and_trending_not_cf(tmp_path):
+    """Both jobs read the configured catalogue (jobs.trending.catalogue_path)."""
+    from app.config import settings_from_args
+    from jobs.pipeline import batch_fingerprints
+
+    catalogue = tmp_path / "catalogue.parquet"
+    catalogue.write_bytes(b"first")
+    settings = settings_from_args({"paths": {"state_dir": str(tmp_path)}, "content": {"catalog_path": str(catalogue)}})
+    before = batch_fingerprints(settings, "events")
+    catalogue.write_bytes(b"second")
+    after = batch_fingerprints(settings, "events")
+    assert after["content"] != before["content"] and after["trending"] != before["trending"]
+    assert after["cf"] == before["cf"]
+
+
 def test_trending_flag_off_skips_the_trending_job(first_run):
     """Runs last: stub jobs (no training time) stand in for the others; only the decision
     about trending is under test."""

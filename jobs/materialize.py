@@ -44,10 +44,13 @@ class OnlineWriter:
 
 
 def user_history(
-    events: pd.DataFrame, tracks: pd.DataFrame | None, recent_n: int, heard_days: float = 30.0
+    events: pd.DataFrame, tracks: pd.DataFrame | None, recent_n: int, heard_days: float = 30.0,
+    event_weights: dict[str, float] | None = None,
 ) -> pd.DataFrame:
-    """Per user: latest distinct positive tracks, every track with any event, the tracks heard
-    within `heard_days` of the data's end, top genres."""
+    """Per user: latest distinct positive tracks, every track with any event and the weight CF
+    training gives it (`event_weights` summed, as jobs/train_cf.py sums them: serving's fold-in
+    must solve what training solved), the tracks heard within `heard_days` of the data's end,
+    top genres."""
     events = events.sort_values("timestamp")
     positive = events[events["event_type"].isin(["play", "like"])]
     recent = (
@@ -55,10 +58,13 @@ def user_history(
         .groupby("user_id")["track_id"]
         .agg(lambda s: s.iloc[::-1].head(recent_n).tolist())
     )
-    seen = events.groupby("user_id")["track_id"].agg(lambda s: sorted(set(s)))
+    weight = events["event_type"].map(event_weights or {"play": 1.0, "like": 1.0}).fillna(0.0).astype("float32")
+    per_track = events.assign(weight=weight).groupby(["user_id", "track_id"])["weight"].sum().reset_index()  # tracks sorted
+    by_user = per_track.groupby("user_id")
+    seen, seen_weights = by_user["track_id"].agg(list), by_user["weight"].agg(lambda w: w.to_numpy(dtype=np.float32))
     cutoff = events["timestamp"].max() - pd.Timedelta(days=heard_days)
     heard = events[events["timestamp"] >= cutoff].groupby("user_id")["track_id"].agg(lambda s: sorted(set(s)))
-    out = pd.DataFrame({"recent_tracks": recent, "seen_tracks": seen, "heard_recently": heard})
+    out = pd.DataFrame({"recent_tracks": recent, "seen_tracks": seen, "seen_weights": seen_weights, "heard_recently": heard})
     out["heard_recently"] = out["heard_recently"].apply(lambda v: v if isinstance(v, list) else [])
     out["n_plays"] = positive.groupby("user_id").size().reindex(out.index).fillna(0).astype(int)
     if tracks is not None:
@@ -88,7 +94,7 @@ def build_views(settings: Settings, store: ArtifactStore) -> tuple[dict[str, pd.
     events = pd.read_parquet(files, columns=["user_id", "track_id", "event_type", "timestamp"]) if files else None
 
     users = (
-        user_history(events, tracks, settings.serving.recent_plays, settings.serving.heard_filter_days)
+        user_history(events, tracks, settings.serving.recent_plays, settings.serving.heard_filter_days, settings.cf.event_weights)
         if events is not None
         else pd.DataFrame()
     )

@@ -184,3 +184,21 @@ def test_release_date_materialises_as_epoch_ms_whatever_its_unit_and_a_missing_o
     offline = OfflineSnapshots(tmp_path / "features")
     offline.write("v1", TRACK, rows, as_of=None)
     assert compare_view(online, "v1", TRACK, offline.load(TRACK, "v1"), sample=10)["mismatches"] == 0
+
+
+def test_a_listeners_history_carries_the_weight_cf_training_gives_each_track():
+    """What the request-time fold-in weighs the history by: like 4 + play 1, two plays, a skip 0."""
+    import pandas as pd
+
+    from jobs.materialize import user_history
+
+    start = pd.Timestamp("2026-01-01", tz="UTC")
+    events = pd.DataFrame({
+        "user_id": ["u"] * 5,
+        "track_id": ["b", "a", "b", "c", "a"],
+        "event_type": ["play", "like", "play", "skip", "play"],
+        "timestamp": [start + pd.Timedelta(minutes=i) for i in range(5)],
+    })
+    row = user_history(events, None, 10, 30.0, {"play": 1.0, "like": 4.0, "skip": 0.0}).loc["u"]
+    assert row["seen_tracks"] == ["a", "b", "c"] and row["seen_weights"].tolist() == [5.0, 2.0, 0.0]
+    assert row["recent_tracks"] == ["a", "b"]

@@ -161,6 +161,17 @@ def check_registry(settings: Settings, offline: OfflineSnapshots) -> Registry:
     return registry
 
 
+def shared_rankings(trending: pd.DataFrame, popular: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """The lists every listener shares, as the blend reads them: trending ranked as /v1/trending
+    ranks it, by the score smoothed across runs (`rank_score`; an artifact from before it had
+    only `score`), popular by its play weight."""
+    rank = "rank_score" if "rank_score" in trending else "score"
+    return {
+        "trending": dict(zip(trending["track_id"], trending[rank].astype(float))),
+        "popular": dict(zip(popular["track_id"], popular["score"].astype(float))),
+    }
+
+
 def materialize(settings: Settings) -> dict:
     store = ArtifactStore(settings.paths.artifacts_dir)
     online = RedisOnlineStore(connect(settings), Keys(settings.redis.key_prefix), settings.features.write_batch_size)
@@ -181,9 +192,9 @@ def materialize(settings: Settings) -> dict:
     if trending is not None:
         ttl = registry["track_profile"].ttl_s if "track_profile" in registry.views else 2 * 24 * 3600
         t = pd.read_parquet(trending.file("trending.parquet"))
-        p = pd.read_parquet(trending.file("popular.parquet"))
-        online.write_ranking(namespace, "trending", dict(zip(t["track_id"], t["score"].astype(float))), ttl)
-        online.write_ranking(namespace, "popular", dict(zip(p["track_id"], p["score"].astype(float))), ttl)
+        rankings = shared_rankings(t, pd.read_parquet(trending.file("popular.parquet")))
+        for name, scores in rankings.items():
+            online.write_ranking(namespace, name, scores, ttl)
         counts["trending"] = len(t)
 
     meta = {"as_of": str(as_of) if as_of is not None else None, "artifacts": versions, "counts": counts}

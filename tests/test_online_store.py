@@ -202,3 +202,17 @@ def test_a_listeners_history_carries_the_weight_cf_training_gives_each_track():
     row = user_history(events, None, 10, 30.0, {"play": 1.0, "like": 4.0, "skip": 0.0}).loc["u"]
     assert row["seen_tracks"] == ["a", "b", "c"] and row["seen_weights"].tolist() == [5.0, 2.0, 0.0]
     assert row["recent_tracks"] == ["a", "b"]
+
+
+def test_the_blends_trending_list_ranks_as_the_trending_api_does():
+    """By the smoothed rank_score /v1/trending orders by, not this run's raw score."""
+    import pandas as pd
+
+    from jobs.materialize import shared_rankings
+
+    trending = pd.DataFrame({"track_id": ["steady", "spike"], "score": [1.0, 9.0], "rank_score": [5.0, 4.0]})
+    popular = pd.DataFrame({"track_id": ["p"], "score": [3.0]})
+    rankings = shared_rankings(trending, popular)
+    assert sorted(rankings["trending"], key=rankings["trending"].get, reverse=True) == ["steady", "spike"]
+    assert rankings["popular"] == {"p": 3.0}
+    assert shared_rankings(trending.drop(columns="rank_score"), popular)["trending"] == {"steady": 1.0, "spike": 9.0}

@@ -16,6 +16,7 @@ import logging
 
 import numpy as np
 import pandas as pd
+import redis
 
 from app.artifacts import ArtifactStore, new_version
 from app.config import Settings
@@ -172,13 +173,8 @@ def shared_rankings(trending: pd.DataFrame, popular: pd.DataFrame) -> dict[str, 
     }
 
 
-def materialize(settings: Settings) -> dict:
-    store = ArtifactStore(settings.paths.artifacts_dir)
-    online = RedisOnlineStore(connect(settings), Keys(settings.redis.key_prefix), settings.features.write_batch_size)
-    offline = OfflineSnapshots(settings.paths.features_dir)
-    registry = check_registry(settings, offline)
-    namespace = new_version()
-
+def _write_namespace(settings: Settings, store: ArtifactStore, online, offline: OfflineSnapshots, registry, namespace: str) -> dict:
+    """Every view and shared ranking into `namespace`, online and offline; returns its meta."""
     with timed("build views"):
         views, versions, as_of = build_views(settings, store)
     counts = {}
@@ -199,11 +195,31 @@ def materialize(settings: Settings) -> dict:
 
     meta = {"as_of": str(as_of) if as_of is not None else None, "artifacts": versions, "counts": counts}
     offline.finish(namespace, registry, meta)
+    return meta
+
+
+def materialize(settings: Settings) -> dict:
+    store = ArtifactStore(settings.paths.artifacts_dir)
+    online = RedisOnlineStore(connect(settings), Keys(settings.redis.key_prefix), settings.features.write_batch_size)
+    offline = OfflineSnapshots(settings.paths.features_dir)
+    registry = check_registry(settings, offline)
+    namespace = new_version()
+    try:
+        meta = _write_namespace(settings, store, online, offline, registry, namespace)
+    except Exception:
+        # Nobody reads a namespace before it is published: without this a failed run's partial
+        # one would hold Redis memory for its whole TTL (30 days for user_profile).
+        try:
+            n = online.expire_namespace(namespace, 0)
+            log.warning("materialisation failed; its unpublished namespace %s (%d keys) was removed", namespace, n)
+        except redis.RedisError as exc:  # Redis itself may be why: the keys then expire with their TTL
+            log.warning("materialisation failed and its namespace %s could not be removed: %s", namespace, exc)
+        raise
     previous = online.publish(Published(namespace, registry, meta))
     if previous is not None and previous != namespace:
         n = online.expire_namespace(previous, settings.features.old_namespace_grace_s)
         log.info("previous namespace %s: %d keys expire in %ds", previous, n, settings.features.old_namespace_grace_s)
-    return {"job": "materialize", "namespace": namespace, "users": counts.get("user_profile", 0), **meta}
+    return {"job": "materialize", "namespace": namespace, "users": meta["counts"].get("user_profile", 0), **meta}
 
 
 def main() -> None:

@@ -157,6 +157,71 @@ def test_a_changed_catalogue_reruns_content_and_trending_not_cf(tmp_path):
     assert after["cf"] == before["cf"]
 
 
+def test_a_materialisation_that_fails_leaves_no_namespace_behind(first_run, monkeypatch):
+    """Its views were written before the failure; unpublished, nobody would read them, and they
+    would hold Redis memory for their whole TTL."""
+    import jobs.materialize as job
+    from app.features.store import RedisOnlineStore
+    from app.keys import Keys
+
+    settings, client = first_run["settings"], first_run["client"]
+    before = set(client.scan_iter(match=f"{settings.redis.key_prefix}:*", count=1000))
+
+    def writes_some_then_fails(settings, namespace, view, rows):
+        """The first rows land (as the Ray Data writers would write them), then a writer dies."""
+        some = [(str(entity), row.dropna().to_dict()) for entity, row in rows.head(5).iterrows()]
+        assert RedisOnlineStore(client, Keys(settings.redis.key_prefix)).write(namespace, view, some) > 0
+        raise OSError("writer lost")
+
+    monkeypatch.setattr(job, "write_online", writes_some_then_fails)
+    with pytest.raises(OSError, match="writer lost"):
+        job.materialize(settings)
+    assert set(client.scan_iter(match=f"{settings.redis.key_prefix}:*", count=1000)) == before
+
+
+def test_renewal_is_due_past_half_the_shortest_ttl():
+    from datetime import datetime, timedelta, timezone
+
+    from app.config import PROJECT_ROOT
+    from app.features.registry import load_registry
+    from jobs.pipeline import renewal_due
+
+    registry = load_registry(PROJECT_ROOT / "feature_repo")  # 30-day TTLs
+    made = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    namespace = made.strftime("%Y%m%dT%H%M%S%fZ") + "-abc123"
+    assert renewal_due(namespace, registry, made + timedelta(days=14.9)) is None
+    assert "15.1 days old, past half its 30-day TTL" in renewal_due(namespace, registry, made + timedelta(days=15.1))
+    assert renewal_due("hand-made", registry, made + timedelta(days=365)) is None
+
+
+def test_an_unchanged_namespace_is_written_again_before_its_keys_expire(first_run):
+    """A quiet month (no new events, no new model) must not let every listener's features
+    expire under the alias: past half the shortest view TTL the pipeline materialises anyway."""
+    from datetime import timedelta
+
+    from app.artifacts import version_time
+    from jobs.common import event_files
+    from jobs.pipeline import Pipeline, materialize_fingerprint
+    from app.pipeline_state import files_fingerprint
+
+    settings = first_run["settings"]
+    ran = []
+
+    def pipeline(days: float) -> Pipeline:
+        published = Pipeline(settings).online.current()
+        made = version_time(published.namespace)
+        stub = {"materialize": lambda s: ran.append(days) or {"job": "materialize", "namespace": published.namespace}}
+        p = Pipeline(settings, jobs=stub, clock=lambda: made + timedelta(days=days))
+        events_fp = files_fingerprint(event_files(settings.paths.events_dir))
+        p.state.record("materialize", materialize_fingerprint(settings, p.store, events_fp), published.namespace)
+        assert p.materialize(events_fp)
+        return p
+
+    ttl_days = min(v.ttl_s for v in Pipeline(settings).online.current().registry.views.values()) / 86400
+    assert pipeline(ttl_days / 2 - 1).manifest.stages["materialize"].outcome == "skipped" and ran == []
+    assert pipeline(ttl_days / 2 + 1).manifest.stages["materialize"].outcome == "ok" and ran == [ttl_days / 2 + 1]
+
+
 def test_trending_flag_off_skips_the_trending_job(first_run):
     """Runs last: stub jobs (no training time) stand in for the others; only the decision
     about trending is under test."""

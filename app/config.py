@@ -262,9 +262,9 @@ class ContentSettings(Strict):
     crash_retries: int = Field(3, ge=0)
     """Times a batch whose extraction actor died (a decoder crashing in native code, a lost
     node) is retried on the restarted actor before it is set aside; its tracks are then
-    analysed one per batch (each retried at least once, so a track queued behind the culprit
-    on its actor is not blamed), so one bad file costs only itself (jobs/embed_content.py
-    `extract_audio`). Raise it on preemptible nodes."""
+    analysed one per batch, one batch per actor at a time (so a track queued behind the
+    culprit on its actor is not blamed), and one bad file costs only itself
+    (jobs/embed_content.py `extract_audio`). Raise it on preemptible nodes."""
     catalog_path: Path | None = None
     """Track catalogue Parquet (track_id, audio_path, artist_id, album, genres, release_year,
     duration_ms, explicit). None: the simulated world's tracks.parquet."""

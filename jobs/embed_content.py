@@ -130,9 +130,8 @@ def _analyse(settings: Settings, tracks: pd.DataFrame, extractor: type, alone: b
     track. The rows of a batch that failed (its actor died on every try, or it raised) are
     missing from the result; Ray Data logs each with its error.
 
-    Alone, an actor holds one batch at a time and a batch is retried at least once: a batch
-    queued on (or handed to) the actor its culprit just killed would otherwise fail with it,
-    and be reported as a culprit itself."""
+    Alone, an actor holds one batch at a time: a batch queued behind the culprit on the actor
+    it killed would fail with it, and be reported as a culprit itself."""
     import ray
     from ray.data import DataContext
 
@@ -151,7 +150,7 @@ def _analyse(settings: Settings, tracks: pd.DataFrame, extractor: type, alone: b
         # of times, not for ever (the default: that hung the job on a batch that killed its actor
         # every time), and then dropped without failing the job (max_errored_blocks). Ray 2.60
         # has no named parameter for this, hence its deprecation warning on `ray_remote_args`.
-        max_task_retries=max(cfg.crash_retries, 1) if alone else cfg.crash_retries,
+        max_task_retries=cfg.crash_retries,
     )
     ds.context.max_errored_blocks = -1
     analysed = ds.to_pandas()

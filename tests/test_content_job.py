@@ -23,6 +23,7 @@ from app.data.audio import choose_tempo_and_key, genre_sound, synthesize_clip, w
 from app.data.world import generate_world, load_world
 from app.events.dead_letter import DeadLetterQueue
 from training.cold_start import ContentModel
+from tests.crashing_extractors import DiesOnEveryBatch, FailsOnTrackT3, FailsOnTracksT3AndT5, RaisesOnTrackT3
 
 pytestmark = pytest.mark.ray
 
@@ -200,40 +201,6 @@ def test_cold_start_refuses_an_artifact_whose_features_are_defined_differently(r
     monkeypatch.setattr(training.cold_start, "AUDIO_FEATURE_VERSION", training.cold_start.AUDIO_FEATURE_VERSION + 1)
     with pytest.raises(ValueError, match="re-run jobs.embed_content"):
         ContentModel.from_artifact(artifact)
-
-
-class FailsOnTrackT3:
-    """An extractor whose process dies on any batch holding track t3, as a decoder crashing in
-    native code would (or, `raises`, one that raises an exception analyse_tracks does not
-    catch), and answers the others."""
-
-    raises = False
-
-    def __init__(self, sample_rate: int, max_seconds: float):
-        pass
-
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        if (batch["track_id"] == "t3").any():
-            if self.raises:
-                raise RuntimeError("decoder bug on t3")
-            os._exit(1)
-        return batch[["track_id"]].assign(error_reason=None)
-
-
-class RaisesOnTrackT3(FailsOnTrackT3):
-    raises = True
-
-
-class FailsOnTracksT3AndT5(FailsOnTrackT3):
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        if batch["track_id"].isin(["t3", "t5"]).any():
-            os._exit(1)
-        return batch[["track_id"]].assign(error_reason=None)
-
-
-class DiesOnEveryBatch(FailsOnTrackT3):
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        os._exit(1)
 
 
 def _audio_settings(tmp_path, crash_retries: int, batch_size: int = 2):

@@ -29,20 +29,9 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-VERSION_TIME = "%Y%m%dT%H%M%S%fZ"
-
-
 def new_version() -> str:
     """Sortable by time, unique across concurrent writers."""
-    return datetime.now(timezone.utc).strftime(VERSION_TIME) + "-" + uuid.uuid4().hex[:6]
-
-
-def version_time(version: str) -> datetime | None:
-    """When `new_version` made `version`; None for a name it did not make."""
-    try:
-        return datetime.strptime(version.split("-", 1)[0], VERSION_TIME).replace(tzinfo=timezone.utc)
-    except ValueError:
-        return None
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ") + "-" + uuid.uuid4().hex[:6]
 
 
 @dataclass(frozen=True)

@@ -112,12 +112,20 @@ def _labels(values) -> np.ndarray:
     return np.asarray([None if pd.isna(v) else str(v) for v in np.asarray(values, dtype=object).tolist()], dtype=object)
 
 
+def release_ms(dates: pd.Series) -> pd.Series:
+    """Epoch milliseconds of each date, a missing one left missing (nullable Int64). Computed as
+    a duration, not read off the datetime's integer storage: that counts in whatever unit the
+    catalogue happened to store (the world writes ms, normalise_catalog µs), and stores a
+    missing date as the smallest int64. The bundle and the feature store (jobs/materialize.py)
+    both use it, so serving and the store agree."""
+    since_epoch = pd.to_datetime(dates, utc=True) - pd.Timestamp(0, tz="UTC")
+    return (since_epoch // pd.Timedelta(milliseconds=1)).astype("Int64")
+
+
 def _release_ms(tracks: pd.DataFrame) -> np.ndarray:
     if "release_date" not in tracks:
         return np.full(len(tracks), np.nan)
-    dates = pd.to_datetime(tracks["release_date"], utc=True)
-    ms = (dates - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(milliseconds=1)
-    return ms.astype("float64").to_numpy()
+    return release_ms(tracks["release_date"]).astype("float64").to_numpy()
 
 
 class ModelCache:
@@ -137,19 +145,12 @@ class ModelCache:
         self.previous: ModelBundle | None = None
         """The bundle before the last reload: a request already under way may carry its
         catalog positions (app.recommend.placed_in)."""
-        self.loaded_at = -float("inf")
-        """When (by `clock`) the current bundle was loaded."""
         self._seen: tuple | None = None
         self._checked = -float("inf")
         self._lock = threading.Lock()
 
     def _pointers(self) -> tuple:
         return tuple(self.store.latest_version(n) for n in ("content", "cf", "trending"))
-
-    def loaded_within(self, seconds: float) -> bool:
-        """Whether the current bundle is younger than `seconds`: other replicas may not hold its
-        catalog yet."""
-        return self.clock() - self.loaded_at < seconds
 
     def get(self) -> ModelBundle | None:
         if self.clock() - self._checked >= self.interval_s:
@@ -166,6 +167,6 @@ class ModelCache:
                 return False
             bundle = ModelBundle.load(self.store)
             self.previous, self.bundle = self.bundle, bundle
-            self._seen, self.loaded_at = pointers, self.clock()
+            self._seen = pointers
         log.info("loaded models %s", bundle.versions if bundle else None)
         return True

@@ -58,20 +58,25 @@ class ModelServing(Tunable):
     `reload_interval_s` on a background thread (app/refresh.py): a request never loads one.
     Subclasses extend `refresh()` with what they derive from the bundle."""
 
+    NAMED_TICKS = 3
+    """Refresh ticks after a load during which candidates carry their track ids (`named`)."""
+
     def __init__(self, settings: Settings):
         super().__init__(settings)
         self.models = ModelCache(ArtifactStore(settings.paths.artifacts_dir), interval_s=float("inf"))
+        self._quiet_ticks = 0
+        """Refreshes since the last one that loaded a bundle."""
         self.refresher = keep_fresh(self.refresh, settings.serving.reload_interval_s, type(self).__name__)
 
     def refresh(self) -> None:
-        self.models.refresh()
+        self._quiet_ticks = 0 if self.models.refresh() else self._quiet_ticks + 1
 
     def named(self, candidates: list[Retrieved]) -> list[Retrieved]:
-        """`candidates`, sent with their track ids for a while after this replica loaded its
-        catalog: the next stage reloads on its own tick (within `reload_interval_s`, plus the
+        """`candidates`, sent with their track ids for NAMED_TICKS refreshes after this replica
+        loaded its catalog: the next stage reloads on its own tick (the same interval, plus the
         load) and until then holds neither this catalog nor, as its previous one, any way to
         read positions in it."""
-        if self.models.loaded_within(3 * self.settings.serving.reload_interval_s):
+        if self._quiet_ticks < self.NAMED_TICKS:
             for c in candidates:
                 c.named = True
         return candidates

@@ -163,10 +163,12 @@ def _dead_letter(settings: Settings, failed: pd.DataFrame) -> None:
     from app.events.dead_letter import DeadLetterQueue
     from app.redis_server import connect
 
-    dlq = DeadLetterQueue(connect(settings), settings.redis.dead_letter_key)
     for row in failed.itertuples(index=False):
         log.warning("track %s %s failed: %s", row.track_id, row.stage, row.error)
-        dlq.put("embed_content", {"track_id": row.track_id, "audio_path": row.audio_path, "stage": row.stage}, f"{row.reason}: {row.error}")
+    DeadLetterQueue(connect(settings), settings.redis.dead_letter_key).put_many("embed_content", (
+        ({"track_id": row.track_id, "audio_path": row.audio_path, "stage": row.stage}, f"{row.reason}: {row.error}")
+        for row in failed.itertuples(index=False)
+    ))
 
 
 def embed_content(settings: Settings, tracks_path: Path | None = None, extractor: type = AudioFeatureExtractor) -> dict:

@@ -24,6 +24,7 @@ from app.features.offline import OfflineSnapshots
 from app.features.registry import FeatureView, Registry, RegistryError, check_compatible, load_registry
 from app.features.store import Published, RedisOnlineStore
 from app.keys import Keys
+from app.models import release_ms
 from app.redis_server import client_from_url, connect, resolve_redis_url
 from jobs.common import event_files, timed
 
@@ -74,15 +75,6 @@ def user_history(
         out["top_genres"] = top.reset_index().groupby("user_id")["genre"].agg(lambda s: s.head(3).tolist())
     out["recent_tracks"] = out["recent_tracks"].apply(lambda v: v if isinstance(v, list) else [])
     return out
-
-
-def release_ms(dates: pd.Series) -> pd.Series:
-    """Epoch milliseconds of each date, a missing one left missing (nullable Int64, so the
-    field is absent from its row). Computed as a duration, not read off the datetime's integer
-    storage: that counts in whatever unit the catalogue happened to store (the world writes ms,
-    normalise_catalog µs), and stores a missing date as the smallest int64."""
-    since_epoch = pd.to_datetime(dates, utc=True) - pd.Timestamp(0, tz="UTC")
-    return (since_epoch // pd.Timedelta(milliseconds=1)).astype("Int64")
 
 
 def build_views(settings: Settings, store: ArtifactStore) -> tuple[dict[str, pd.DataFrame], dict, pd.Timestamp | None]:

@@ -26,7 +26,7 @@ import time
 from datetime import datetime, timezone
 from typing import Callable, Mapping
 
-from app.artifacts import ArtifactStore, new_version, version_time
+from app.artifacts import ArtifactStore, new_version
 from app.config import Settings
 from app.pipeline_state import PipelineState, RunManifest, StageRecord, file_digest, files_fingerprint, fingerprint
 from jobs.common import event_files
@@ -122,28 +122,21 @@ def materialize_fingerprint(settings: Settings, store: ArtifactStore, events_fp:
     )
 
 
-def renewal_due(namespace: str, registry, now: datetime) -> str | None:
-    """Why a namespace with nothing new to write must be written again anyway, or None: its
-    keys expire `ttl_s` after they were written, aliased or not, so a system that saw no new
-    events for a month would lose every listener's features at once. It is rewritten once half
-    the shortest view TTL has passed."""
-    made = version_time(namespace)
+def renewal_due(namespace: str, remaining_s: float | None, registry) -> str | None:
+    """Why a namespace with nothing new to write must be written again anyway, or None. Its
+    keys expire with their TTL, aliased or not, so a system that saw no new events for a month
+    would lose every listener's features at once. It is rewritten once its first key to expire
+    (`remaining_s` to go, as Redis counts it) has less than half the shortest view TTL left."""
     renew_s = min((v.ttl_s for v in registry.views.values()), default=None)
-    if made is None or renew_s is None:
+    if remaining_s is None or renew_s is None or remaining_s >= renew_s / 2:
         return None
-    age_s = (now - made).total_seconds()
-    if age_s < renew_s / 2:
-        return None
-    return f"namespace {namespace} is {age_s / 86400:.1f} days old, past half its {renew_s / 86400:g}-day TTL: written again"
+    return f"namespace {namespace} has keys expiring in {remaining_s / 86400:.1f} days, under half its {renew_s / 86400:g}-day TTL: written again"
 
 
 class Pipeline:
     """One run. `jobs` replaces any stage's function (tests inject a failing one)."""
 
-    def __init__(
-        self, settings: Settings, jobs: Mapping[str, Job] | None = None, force: bool = False,
-        clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
-    ):
+    def __init__(self, settings: Settings, jobs: Mapping[str, Job] | None = None, force: bool = False):
         from app.features.store import RedisOnlineStore
         from app.keys import Keys
         from app.redis_server import connect
@@ -151,7 +144,6 @@ class Pipeline:
         self.settings = settings
         self.jobs = {**default_jobs(), **(jobs or {})}
         self.force = force
-        self.clock = clock
         self.client = connect(settings)
         self.online = RedisOnlineStore(self.client, Keys(settings.redis.key_prefix))
         self.store = ArtifactStore(settings.paths.artifacts_dir)
@@ -239,7 +231,7 @@ class Pipeline:
         published = self.online.current()
         namespace = published.namespace if published else None
         if not self.force and self.state.is_current("materialize", fp, namespace):
-            expiring = renewal_due(namespace, published.registry, self.clock())
+            expiring = renewal_due(namespace, self.online.first_expiry_s(namespace), published.registry)
             if expiring is None:
                 self._skip("materialize", f"artifacts and events unchanged since namespace {namespace}", fp)
                 return True

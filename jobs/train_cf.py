@@ -101,21 +101,19 @@ def load_interactions(settings: Settings) -> tuple[pd.DataFrame, dict]:
     return agg, snapshot
 
 
-def _dead_letter(settings: Settings, bad: pd.DataFrame, chunk: int = 1000) -> None:
-    """Each row that is no usable event, with its reason; pipelined, as an old export may hold many."""
+def _dead_letter(settings: Settings, bad: pd.DataFrame) -> None:
+    """Each row that is no usable event, with its reason."""
     if bad.empty:
         return
     from app.events.dead_letter import DeadLetterQueue
     from app.redis_server import connect
 
-    client = connect(settings)
     log.warning("%d event rows are not usable events; dead-lettered by reason: %s", len(bad), bad["reason"].value_counts().to_dict())
-    for start in range(0, len(bad), chunk):
-        pipe = client.pipeline(transaction=False)
-        for row in bad.iloc[start : start + chunk].to_dict("records"):
-            record = {k: None if pd.isna(row[k]) else row[k] for k in ("user_id", "track_id", "event_type")}
-            pipe.xadd(settings.redis.dead_letter_key, DeadLetterQueue.entry("train_cf", record, row["reason"]))
-        pipe.execute()
+    letters = (
+        ({k: None if pd.isna(row[k]) else row[k] for k in ("user_id", "track_id", "event_type")}, row["reason"])
+        for row in bad.to_dict("records")
+    )
+    DeadLetterQueue(connect(settings), settings.redis.dead_letter_key).put_many("train_cf", letters)
 
 
 def load_movielens(settings: Settings) -> tuple[pd.DataFrame, dict]:

@@ -321,9 +321,9 @@ def test_redis_outage_still_answers_200_degraded(system, tmp_path_factory):
         serve.delete("outage")
 
 
-def test_a_new_listening_session_changes_the_next_recommendations(system, redis_server):
-    """Fresh plays reach serving through the event consumer and fold into the user's vector at
-    request time: no retraining, no re-materialisation."""
+def _play_and_consume(api, redis_server, settings, user: str, tracks: list[str], consumer_name: str) -> None:
+    """`user` plays `tracks` now, over HTTP, and the event consumer applies them to the online
+    state (recent plays) as `jobs.consume_events` would: no re-materialisation."""
     from datetime import datetime, timezone
 
     import redis
@@ -332,6 +332,21 @@ def test_a_new_listening_session_changes_the_next_recommendations(system, redis_
     from app.events.dead_letter import DeadLetterQueue
     from jobs.consume_events import online_updates
 
+    now = datetime.now(timezone.utc).isoformat()
+    events = [{"event_id": str(uuid.uuid4()), "user_id": user, "track_id": t, "event_type": "play", "timestamp": now} for t in tracks]
+    assert api.post("/v1/events", json={"events": events}).json()["accepted"] == len(tracks)
+    client = redis.Redis.from_url(redis_server.url)
+    consumer = StreamConsumer(
+        client, settings.redis.stream_key, settings.consumer, consumer_name, online_updates(client, settings),
+        DeadLetterQueue(client, settings.redis.dead_letter_key),
+    )
+    consumer.ensure_group()
+    consumer.drain(idle_polls=1, block_ms=50)
+
+
+def test_a_new_listening_session_changes_the_next_recommendations(system, redis_server):
+    """Fresh plays reach serving through the event consumer and fold into the user's vector at
+    request time: no retraining, no re-materialisation."""
     world, api, settings = system["world"], system["api"], system["settings"]
     plays = world.events[world.events["event_type"] == "play"].merge(world.tracks[["track_id", "genre"]], on="track_id")
     share = plays.groupby("user_id")["genre"].agg(lambda g: g.value_counts(normalize=True).iloc[0])
@@ -346,17 +361,7 @@ def test_a_new_listening_session_changes_the_next_recommendations(system, redis_
         return sum(i["genre"] == other for i in body["items"]), {i["track_id"] for i in body["items"]}
 
     before, _ = genre_count()
-    now = datetime.now(timezone.utc).isoformat()
-    session = [{"event_id": str(uuid.uuid4()), "user_id": user, "track_id": t, "event_type": "play", "timestamp": now} for t in new_tracks]
-    assert api.post("/v1/events", json={"events": session}).json()["accepted"] == len(session)
-
-    client = redis.Redis.from_url(redis_server.url)
-    consumer = StreamConsumer(
-        client, settings.redis.stream_key, settings.consumer, "e2e", online_updates(client, settings),
-        DeadLetterQueue(client, settings.redis.dead_letter_key),
-    )
-    consumer.ensure_group()
-    consumer.drain(idle_polls=1, block_ms=50)
+    _play_and_consume(api, redis_server, settings, user, new_tracks, "e2e")
 
     after, ids = genre_count()
     assert not ids & set(new_tracks), "just-played tracks must not come straight back"
@@ -366,29 +371,12 @@ def test_a_new_listening_session_changes_the_next_recommendations(system, redis_
 def test_every_track_played_since_the_last_materialisation_stays_out(system, redis_server):
     """A listener who plays more tracks than serving.recent_plays (20) after the features were
     materialised must not be offered the older ones of them again."""
-    from datetime import datetime, timezone
-
-    import redis
-
-    from app.events.consumer import StreamConsumer
-    from app.events.dead_letter import DeadLetterQueue
-    from jobs.consume_events import online_updates
-
     world, api, settings = system["world"], system["api"], system["settings"]
     user = world.users["user_id"].iloc[1]
     heard = set(world.events.loc[world.events["user_id"] == user, "track_id"])
     session = world.tracks.loc[~world.tracks["track_id"].isin(heard), "track_id"].head(40).tolist()
     assert settings.serving.recent_plays < len(session) <= settings.consumer.recent_plays
-    now = datetime.now(timezone.utc).isoformat()
-    events = [{"event_id": str(uuid.uuid4()), "user_id": user, "track_id": t, "event_type": "play", "timestamp": now} for t in session]
-    assert api.post("/v1/events", json={"events": events}).json()["accepted"] == len(session)
-    client = redis.Redis.from_url(redis_server.url)
-    consumer = StreamConsumer(
-        client, settings.redis.stream_key, settings.consumer, "e2e-heard", online_updates(client, settings),
-        DeadLetterQueue(client, settings.redis.dead_letter_key),
-    )
-    consumer.ensure_group()
-    consumer.drain(idle_polls=1, block_ms=50)
+    _play_and_consume(api, redis_server, settings, user, session, "e2e-heard")
 
     body = api.get(f"/v1/users/{user}/recommendations", params={"k": 200}).json()
     offered = {i["track_id"] for i in body["items"]}

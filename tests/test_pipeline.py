@@ -179,47 +179,32 @@ def test_a_materialisation_that_fails_leaves_no_namespace_behind(first_run, monk
     assert set(client.scan_iter(match=f"{settings.redis.key_prefix}:*", count=1000)) == before
 
 
-def test_renewal_is_due_past_half_the_shortest_ttl():
-    from datetime import datetime, timedelta, timezone
-
-    from app.config import PROJECT_ROOT
-    from app.features.registry import load_registry
-    from jobs.pipeline import renewal_due
-
-    registry = load_registry(PROJECT_ROOT / "feature_repo")  # 30-day TTLs
-    made = datetime(2026, 1, 1, tzinfo=timezone.utc)
-    namespace = made.strftime("%Y%m%dT%H%M%S%fZ") + "-abc123"
-    assert renewal_due(namespace, registry, made + timedelta(days=14.9)) is None
-    assert "15.1 days old, past half its 30-day TTL" in renewal_due(namespace, registry, made + timedelta(days=15.1))
-    assert renewal_due("hand-made", registry, made + timedelta(days=365)) is None
-
-
 def test_an_unchanged_namespace_is_written_again_before_its_keys_expire(first_run):
     """A quiet month (no new events, no new model) must not let every listener's features
-    expire under the alias: past half the shortest view TTL the pipeline materialises anyway."""
-    from datetime import timedelta
-
-    from app.artifacts import version_time
+    expire under the alias: once its first key has used half the shortest view TTL, the
+    pipeline materialises anyway."""
+    from app.keys import Keys
+    from app.pipeline_state import files_fingerprint
     from jobs.common import event_files
     from jobs.pipeline import Pipeline, materialize_fingerprint
-    from app.pipeline_state import files_fingerprint
 
-    settings = first_run["settings"]
+    settings, client = first_run["settings"], first_run["client"]
+    published = Pipeline(settings).online.current()
     ran = []
 
-    def pipeline(days: float) -> Pipeline:
-        published = Pipeline(settings).online.current()
-        made = version_time(published.namespace)
-        stub = {"materialize": lambda s: ran.append(days) or {"job": "materialize", "namespace": published.namespace}}
-        p = Pipeline(settings, jobs=stub, clock=lambda: made + timedelta(days=days))
+    def materialize_if_due() -> str:
+        stub = {"materialize": lambda s: ran.append(1) or {"job": "materialize", "namespace": published.namespace}}
+        p = Pipeline(settings, jobs=stub)
         events_fp = files_fingerprint(event_files(settings.paths.events_dir))
         p.state.record("materialize", materialize_fingerprint(settings, p.store, events_fp), published.namespace)
         assert p.materialize(events_fp)
-        return p
+        return p.manifest.stages["materialize"].outcome
 
-    ttl_days = min(v.ttl_s for v in Pipeline(settings).online.current().registry.views.values()) / 86400
-    assert pipeline(ttl_days / 2 - 1).manifest.stages["materialize"].outcome == "skipped" and ran == []
-    assert pipeline(ttl_days / 2 + 1).manifest.stages["materialize"].outcome == "ok" and ran == [ttl_days / 2 + 1]
+    assert materialize_if_due() == "skipped" and ran == []
+    shortest = min(v.ttl_s for v in published.registry.views.values())
+    key = next(client.scan_iter(match=Keys(settings.redis.key_prefix).namespace_pattern(published.namespace), count=1000))
+    client.expire(key, shortest // 2 - 86_400)  # as a key left alone for half its TTL and a day
+    assert materialize_if_due() == "ok" and ran == [1]
 
 
 def test_trending_flag_off_skips_the_trending_job(first_run):

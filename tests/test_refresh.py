@@ -7,6 +7,7 @@ import threading
 
 import pytest
 
+from app.artifacts import ArtifactStore
 from app.refresh import BackgroundRefresh
 
 
@@ -58,7 +59,6 @@ def test_a_serving_replica_has_its_models_at_start_and_picks_up_a_publish_with_n
     import numpy as np
     import pandas as pd
 
-    from app.artifacts import ArtifactStore
     from app.config import settings_from_args
     from deployments.tuning import ModelServing
 
@@ -93,23 +93,36 @@ def test_a_serving_replica_has_its_models_at_start_and_picks_up_a_publish_with_n
         replica.refresher.stop()
 
 
-def test_a_bundle_counts_as_just_loaded_until_the_other_replicas_can_have_it(tmp_path):
-    """How long a retriever names its candidates after a reload (ModelServing.named)."""
+def test_candidates_carry_their_ids_for_a_few_refreshes_after_a_load(tmp_path):
+    """ModelServing.named: the next stage may not hold a catalog this replica has just loaded
+    until its own next refreshes."""
     import numpy as np
     import pandas as pd
 
-    from app.artifacts import ArtifactStore
-    from app.models import ModelCache
-    from tests.clock import FakeClock
+    from app.config import settings_from_args
+    from app.recommend import Retrieved
+    from deployments.tuning import ModelServing
 
-    store = ArtifactStore(tmp_path)
-    with store.publish("content") as out:
-        pd.DataFrame({"track_id": ["t1"], "artist_id": "a", "genre": "rock"}).to_parquet(out / "tracks.parquet")
-        np.save(out / "embeddings.npy", np.eye(1, dtype=np.float32))
-    clock = FakeClock()
-    cache = ModelCache(store, interval_s=float("inf"), clock=clock)
-    assert not cache.loaded_within(30.0)
-    cache.refresh()
-    assert cache.loaded_within(30.0)
-    clock.now += 30.0
-    assert not cache.loaded_within(30.0)
+    settings = settings_from_args({"paths": {"state_dir": str(tmp_path)}, "serving": {"reload_interval_s": 3600}})
+    store = ArtifactStore(settings.paths.artifacts_dir)
+
+    def publish():
+        with store.publish("content") as out:
+            pd.DataFrame({"track_id": ["t1"], "artist_id": "a", "genre": "rock"}).to_parquet(out / "tracks.parquet")
+            np.save(out / "embeddings.npy", np.eye(1, dtype=np.float32))
+
+    def named() -> bool:
+        return replica.named([Retrieved(["t1"], np.ones(1), np.zeros(1, np.int64), "v")])[0].named
+
+    publish()
+    replica = ModelServing(settings)  # loads it; its own ticks are an hour apart
+    try:
+        assert named()
+        for _ in range(ModelServing.NAMED_TICKS):
+            replica.refresh()  # nothing new
+        assert not named()
+        publish()
+        replica.refresh()
+        assert named()
+    finally:
+        replica.refresher.stop()

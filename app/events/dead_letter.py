@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import redis
@@ -20,6 +21,18 @@ class DeadLetterQueue:
 
     def put(self, source: str, record: Any, reason: str, stage: str = "", attempts: int = 0, stream_id: str = "") -> str:
         return self.client.xadd(self.key, self.entry(source, record, reason, stage, attempts, stream_id)).decode()
+
+    def put_many(self, source: str, letters: Iterable[tuple[Any, str]], chunk: int = 1000) -> int:
+        """(record, reason) pairs, one pipelined round trip per `chunk`: a batch job may have
+        thousands of bad records. Returns how many were written."""
+        n, pipe = 0, self.client.pipeline(transaction=False)
+        for record, reason in letters:
+            pipe.xadd(self.key, self.entry(source, record, reason))
+            n += 1
+            if n % chunk == 0:
+                pipe.execute()
+        pipe.execute()
+        return n
 
     @staticmethod
     def entry(source: str, record: Any, reason: str, stage: str = "", attempts: int = 0, stream_id: str = "") -> dict[str, str]:

@@ -103,6 +103,10 @@ class OnlineStore(ABC):
     def expire_namespace(self, namespace: str, seconds: int) -> int:
         """Let an old namespace's keys expire after a grace period; returns how many keys."""
 
+    @abstractmethod
+    def first_expiry_s(self, namespace: str) -> float | None:
+        """Seconds until the namespace's first key expires; None when no key of it has a TTL."""
+
 
 class RedisOnlineStore(OnlineStore):
     def __init__(self, client: redis.Redis, keys: Keys, write_batch: int = 500):
@@ -199,6 +203,14 @@ class RedisOnlineStore(OnlineStore):
         previous = self.client.set(self.keys.feature_alias(), published.to_json(), get=True)
         return _namespace_of(previous) if previous else None
 
+    def first_expiry_s(self, namespace: str) -> float | None:
+        keys = list(self.client.scan_iter(match=self.keys.namespace_pattern(namespace), count=1000))
+        pipe = self.client.pipeline(transaction=False)
+        for key in keys:
+            pipe.pttl(key)
+        remaining = [ms for ms in pipe.execute() if ms >= 0] if keys else []  # -1: no TTL, -2: gone
+        return min(remaining) / 1000 if remaining else None
+
     def expire_namespace(self, namespace: str, seconds: int) -> int:
         n = 0
         pipe = self.client.pipeline(transaction=False)
@@ -260,6 +272,11 @@ class InMemoryOnlineStore(OnlineStore):
     def publish(self, published: Published) -> str | None:
         previous, self._published = self._published, published
         return previous.namespace if previous else None
+
+    def first_expiry_s(self, namespace: str) -> float | None:
+        ends = [exp for store in (self._rows, self._rankings) for key, (_, exp) in store.items() if key[0] == namespace]
+        finite = [e for e in ends if e != float("inf")]
+        return min(finite) - self._clock() if finite else None
 
     def expire_namespace(self, namespace: str, seconds: int) -> int:
         deadline = self._clock() + seconds

@@ -100,6 +100,22 @@ def test_sessions_split_after_30_minutes_of_inactivity_per_user(redis_client):
     assert sids[4] not in sids[:4], "sessions are per user"
 
 
+def test_late_events_sent_together_share_sessions_and_leave_the_current_one(redis_client):
+    """A device that queued plays offline while the listener played on elsewhere sends them
+    late, in one request: they form their own sessions by the same gap, whatever their order,
+    instead of one session per event."""
+    ing = ingestor(redis_client)
+    ctx = RequestContext(received_at_ms=0)
+    ing.ingest({"events": [event(170)]}, ctx, NOW)
+    ing.ingest({"events": [event(10), event(0), event(20), event(100), event(110), event(5, user="u2")]}, ctx, NOW)
+    ing.ingest({"events": [event(175)]}, ctx, NOW)
+    current, m10, m0, m20, m100, m110, _, m175 = [e.event["session_id"] for e in ing.stream.read()]
+    assert m0 == m10 == m20, "plays 10 minutes apart are one session"
+    assert m100 == m110 and m100 != m0, "a gap of 80 minutes starts another"
+    assert current not in (m0, m100)
+    assert m175 == current, "the late plays did not move the listener's current session back"
+
+
 def test_retry_is_duplicate_and_reused_id_is_rejected_with_reason(redis_client):
     ing = ingestor(redis_client)
     ctx = RequestContext(received_at_ms=0)

@@ -48,6 +48,7 @@ local newest = math.floor(now / bucket)
 local oldest = math.floor((now - window) / bucket)
 local current = dprefix .. string.format('%.0f', newest)
 local added = false
+local late = {}  -- per user: the late sessions this call started, {sid, lo, hi}
 for i = 7, #ARGV, 5 do
   local id, fp, user, ts_s, head = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
   local skey = sprefix .. user
@@ -72,12 +73,26 @@ for i = 7, #ARGV, 5 do
         redis.call('HSET', skey, 'last', ts_s)
         redis.call('EXPIRE', skey, sttl)
       end
-    else
+    elseif not last or ts > last then
       sid = string.sub(redis.sha1hex(user .. ':' .. ts_s), 1, 16)
-      -- an event older than the current session starts its own, without moving the state back
-      if not last or ts > last then
-        redis.call('HSET', skey, 'sid', sid, 'last', ts_s)
-        redis.call('EXPIRE', skey, sttl)
+      redis.call('HSET', skey, 'sid', sid, 'last', ts_s)
+      redis.call('EXPIRE', skey, sttl)
+    else
+      -- Older than the current session (plays queued offline on one device while another
+      -- played on): it joins a late session this call started within the gap of it, or starts
+      -- one, without moving the state back.
+      sid = nil
+      local groups = late[user] or {}
+      for _, g in ipairs(groups) do
+        if ts >= g.lo - gap and ts <= g.hi + gap then
+          sid, g.lo, g.hi = g.sid, math.min(g.lo, ts), math.max(g.hi, ts)
+          break
+        end
+      end
+      if not sid then
+        sid = string.sub(redis.sha1hex(user .. ':' .. ts_s), 1, 16)
+        groups[#groups + 1] = {sid = sid, lo = ts, hi = ts}
+        late[user] = groups
       end
     end
     out[#out + 1] = 1

@@ -102,8 +102,8 @@ def test_sessions_split_after_30_minutes_of_inactivity_per_user(redis_client):
 
 def test_late_events_sent_together_share_sessions_and_leave_the_current_one(redis_client):
     """A device that queued plays offline while the listener played on elsewhere sends them
-    late, in one request: they form their own sessions by the same gap, whatever their order,
-    instead of one session per event."""
+    late, in one request: they form their own sessions by the same gap (here slightly out of
+    order), instead of one session per event."""
     ing = ingestor(redis_client)
     ctx = RequestContext(received_at_ms=0)
     ing.ingest({"events": [event(170)]}, ctx, NOW)

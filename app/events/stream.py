@@ -80,7 +80,9 @@ for i = 7, #ARGV, 5 do
     else
       -- Older than the current session (plays queued offline on one device while another
       -- played on): it joins a late session this call started within the gap of it, or starts
-      -- one, without moving the state back.
+      -- one, without moving the state back. Sent oldest first, as the PWA sends its queue,
+      -- they split exactly by the gap; out of order, two late sessions that a later event
+      -- bridges stay two (their first events were already appended).
       sid = nil
       local groups = late[user] or {}
       for _, g in ipairs(groups) do

@@ -49,6 +49,9 @@ local oldest = math.floor((now - window) / bucket)
 local current = dprefix .. string.format('%.0f', newest)
 local added = false
 local late = {}  -- per user: the late sessions this call started, {sid, lo, hi}
+local function new_session(user, ts_s)
+  return string.sub(redis.sha1hex(user .. ':' .. ts_s), 1, 16)
+end
 for i = 7, #ARGV, 5 do
   local id, fp, user, ts_s, head = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
   local skey = sprefix .. user
@@ -74,7 +77,7 @@ for i = 7, #ARGV, 5 do
         redis.call('EXPIRE', skey, sttl)
       end
     elseif not last or ts > last then
-      sid = string.sub(redis.sha1hex(user .. ':' .. ts_s), 1, 16)
+      sid = new_session(user, ts_s)
       redis.call('HSET', skey, 'sid', sid, 'last', ts_s)
       redis.call('EXPIRE', skey, sttl)
     else
@@ -92,7 +95,7 @@ for i = 7, #ARGV, 5 do
         end
       end
       if not sid then
-        sid = string.sub(redis.sha1hex(user .. ':' .. ts_s), 1, 16)
+        sid = new_session(user, ts_s)
         groups[#groups + 1] = {sid = sid, lo = ts, hi = ts}
         late[user] = groups
       end

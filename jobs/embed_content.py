@@ -10,10 +10,10 @@ in a pool of Ray Data actors (`content.concurrency`, `content.batch_size`,
 fits scaler + PCA on a sample and embeds every track.
 
 Nothing is dropped: a track whose audio fails (missing, empty, corrupt, silent, or crashing
-its decoder: see `extract_audio`) is listed in the artifact's failed.parquet and the
-dead-letter stream with its reason, and still gets a metadata-only embedding; a catalogue row
-that cannot be a track (no id, repeated id) is dead-lettered too. The summary, logged and
-printed last, counts both.
+its decoder: see `extract_audio`) is listed in the artifact's failed.parquet and, by the
+first run that meets it, the dead-letter stream with its reason, and still gets a
+metadata-only embedding; a catalogue row that cannot be a track (no id, repeated id) is
+dead-lettered too. The summary, logged and printed last, counts both.
 """
 
 from __future__ import annotations
@@ -165,10 +165,12 @@ def _dead_letter(settings: Settings, failed: pd.DataFrame) -> None:
 
     for row in failed.itertuples(index=False):
         log.warning("track %s %s failed: %s", row.track_id, row.stage, row.error)
-    DeadLetterQueue(connect(settings), settings.redis.dead_letter_key).put_many("embed_content", (
+    # Every run analyses the whole catalogue: tracks dead-lettered by an earlier run are not again.
+    written = DeadLetterQueue(connect(settings), settings.redis.dead_letter_key).put_many("embed_content", (
         ({"track_id": row.track_id, "audio_path": row.audio_path, "stage": row.stage}, f"{row.reason}: {row.error}")
         for row in failed.itertuples(index=False)
-    ))
+    ), once=True)
+    log.warning("%d tracks failed; %d newly dead-lettered, the rest were by an earlier run", len(failed), written)
 
 
 def embed_content(settings: Settings, tracks_path: Path | None = None, extractor: type = AudioFeatureExtractor) -> dict:

@@ -19,9 +19,10 @@ Input rules: ids may be strings or non-contiguous integers (they are mapped to c
 indices; `users.parquet`/`items.parquet` hold the original ids in row order); duplicate events
 add up; users and items with a single event are kept (ALS gives them a vector; they just count
 little); rows without a user or track id (`dropped_rows`) and rows whose event type is missing
-or unknown (`unknown_event_type_rows`) are counted, dead-lettered with that reason and skipped;
-a known type the weights leave out (a pause, say) weighs 0. No usable interaction at all fails
-the job with a message saying so, and the previous version stays.
+or unknown (`unknown_event_type_rows`) are counted, dead-lettered with that reason (once: a
+later run that meets the same rows does not write them again) and skipped; a known type the
+weights leave out (a pause, say) weighs 0. No usable interaction at all fails the job with a
+message saying so, and the previous version stays.
 Hyperparameter defaults come from `jobs.evaluate_cf` (a grid on a validation split).
 """
 
@@ -108,12 +109,16 @@ def _dead_letter(settings: Settings, bad: pd.DataFrame) -> None:
     from app.events.dead_letter import DeadLetterQueue
     from app.redis_server import connect
 
-    log.warning("%d event rows are not usable events; dead-lettered by reason: %s", len(bad), bad["reason"].value_counts().to_dict())
     letters = (
         ({k: None if pd.isna(row[k]) else row[k] for k in ("user_id", "track_id", "event_type")}, row["reason"])
         for row in bad.to_dict("records")
     )
-    DeadLetterQueue(connect(settings), settings.redis.dead_letter_key).put_many("train_cf", letters)
+    # Every run reads every exported event: rows dead-lettered by an earlier run are not again.
+    written = DeadLetterQueue(connect(settings), settings.redis.dead_letter_key).put_many("train_cf", letters, once=True)
+    log.warning(
+        "%d event rows are not usable events (by reason: %s); %d newly dead-lettered, the rest were by an earlier run",
+        len(bad), bad["reason"].value_counts().to_dict(), written,
+    )
 
 
 def load_movielens(settings: Settings) -> tuple[pd.DataFrame, dict]:

@@ -140,6 +140,24 @@ def test_dead_letter_keeps_record_and_reason(redis_client):
     assert entry["reason"] == "cannot decode" and '"t9"' in entry["record"] and len(dlq) == 1
 
 
+def test_a_batch_job_rerun_dead_letters_each_bad_row_once(redis_client):
+    """A batch job meets its input's bad rows on every run; the queue keeps one letter per row.
+    Equal rows are still one letter each, a row added since is written, a letter an operator
+    deleted stays deleted, and another job's letters are its own."""
+    dlq = DeadLetterQueue(redis_client, "dlq")
+    bad = [({"track_id": "t1"}, "silent"), ({"track_id": "t1"}, "silent"), ({"track_id": "t2"}, "undecodable")]
+    assert dlq.put_many("embed", bad, chunk=2, once=True) == 3
+    assert dlq.put_many("embed", bad, chunk=2, once=True) == 0 and len(dlq) == 3
+    assert dlq.put_many("embed", [*bad, ({"track_id": "t1"}, "silent"), ({"track_id": "t2"}, "missing_file")], once=True) == 2
+    assert sorted((e["record"], e["reason"]) for e in dlq.entries()) == [
+        ('{"track_id": "t1"}', "silent")] * 3 + [('{"track_id": "t2"}', "missing_file"), ('{"track_id": "t2"}', "undecodable")]
+
+    handled = dlq.entries()[0]["id"]
+    redis_client.xdel("dlq", handled)
+    assert dlq.put_many("embed", bad, once=True) == 0 and handled not in {e["id"] for e in dlq.entries()}
+    assert dlq.put_many("train", bad[:1], once=True) == 1 and len(dlq) == 5
+
+
 def test_trim_keeps_what_a_consumer_group_has_not_acknowledged(redis_client):
     from app.events.stream import trim_exported
 

@@ -135,6 +135,7 @@ def test_keys_of_each_multi_key_operation_share_one_slot(settings):
         "export commit": [keys.export_lock(), keys.export_cursor(), keys.export_inflight()],
         "trending swap": [trending._list("global"), trending._detail("genre:rock"), trending._names, trending._meta, f"{trending.base}:tmp:v9:list:x"],
         "push add": [keys.push_subscriptions("u}1"), keys.push_profile("u}1")],
+        "dead letters once": [dlq, DeadLetterQueue(None, dlq).seen_key("train_cf")],
     }
     for name, members in groups.items():
         assert len({key_slot(k.encode()) for k in members}) == 1, name
@@ -158,6 +159,9 @@ def test_ingest_append_consume_dead_letter_and_export_run_on_the_cluster(redis_c
     assert stats.applied == 12 and stats.dead_lettered == 1
     plays = sum(int(redis_client.hget(keys.track_counters(f"t{i}"), "play") or 0) for i in range(3))
     assert plays == 12 and redis_client.llen(keys.recent_plays("u0")) == 3
+
+    dlq = DeadLetterQueue(redis_client, settings.redis.dead_letter_key)
+    assert [dlq.put_many("train_cf", [({"user_id": None}, "no_user_or_track_id")], once=True) for _ in range(2)] == [1, 0]
 
     summary = export_events(settings)
     assert summary["exported"] == 12 and summary["dead_lettered"] == 1 and summary["stream_length"] == 0

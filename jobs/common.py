@@ -44,6 +44,19 @@ def timed(stage: str) -> Iterator[dict]:
         log.info("%s finished in %.1fs", stage, info["seconds"])
 
 
+def dataset_in_blocks(frame, rows_per_block: int, max_blocks: int = 1000):
+    """A Ray dataset of the pandas `frame` in blocks of about `rows_per_block` rows, so every
+    task or actor of a bounded pool gets work (one block would go to one of them). Built from
+    a list of frames rather than with `repartition`: that is an all-to-all task needing a free
+    CPU, and a pool sized to the whole cluster would leave it waiting forever. At most
+    `max_blocks`: plenty for any pool, without per-block overhead on a huge input."""
+    import ray
+
+    frame = frame.reset_index(drop=True)
+    size = max(rows_per_block, -(-len(frame) // max_blocks))
+    return ray.data.from_pandas([frame.iloc[i : i + size] for i in range(0, len(frame), size)])
+
+
 def print_summary(summary: dict) -> None:
     """The last line of a job's log: one JSON object, easy to find in the dashboard."""
     print(json.dumps(summary, default=str), flush=True)

@@ -28,7 +28,7 @@ import pandas as pd
 
 from app.artifacts import ArtifactStore, sha256_file
 from app.config import Settings
-from jobs.common import event_files, timed
+from jobs.common import dataset_in_blocks, event_files, timed
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +65,8 @@ def artist_popularity(settings: Settings, tracks: pd.DataFrame) -> dict[str, flo
 
 def track_blocks(tracks: pd.DataFrame, batch_size: int):
     """A dataset of (track_id, audio_path) in blocks of about `batch_size` rows, so every actor
-    of the pool gets work. Built from a list of frames rather than with `repartition`: that is
-    an all-to-all task needing a free CPU, and a pool sized to the whole cluster would leave it
-    waiting forever."""
-    import ray
-
-    rows = tracks[["track_id", "audio_path"]].reset_index(drop=True)
-    # At most ~1,000 blocks: plenty for any pool, without per-block overhead on a huge catalogue.
-    size = max(batch_size, int(np.ceil(len(rows) / 1000)))
-    return ray.data.from_pandas([rows.iloc[i : i + size] for i in range(0, len(rows), size)])
+    of the pool gets work."""
+    return dataset_in_blocks(tracks[["track_id", "audio_path"]], batch_size)
 
 
 def extract_audio(settings: Settings, tracks: pd.DataFrame, extractor: type = AudioFeatureExtractor) -> pd.DataFrame:

@@ -26,23 +26,30 @@ from app.features.store import Published, RedisOnlineStore
 from app.keys import Keys
 from app.models import release_ms
 from app.redis_server import client_from_url, connect, resolve_redis_url
-from jobs.common import event_files, timed
+from jobs.common import dataset_in_blocks, event_files, timed
 
 log = logging.getLogger(__name__)
 
 
-class OnlineWriter:
-    """Ray Data callable class: one Redis connection per writer task, pipelined writes."""
+# Pipelines of `features.write_batch_size` rows per writer task: one connect per this many.
+WRITES_PER_TASK = 10
 
-    def __init__(self, redis_url: str, key_prefix: str, namespace: str, view_json: str, batch: int):
-        self.store = RedisOnlineStore(client_from_url(redis_url), Keys(key_prefix), write_batch=batch)
-        self.namespace = namespace
-        self.view = FeatureView.model_validate_json(view_json)
 
-    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
-        fields = [f for f in self.view.fields if f in batch]
-        rows = zip(batch["entity_id"], batch[fields].to_dict("records"))
-        return pd.DataFrame({"written": [self.store.write(self.namespace, self.view, rows)]})
+def write_rows(block: pd.DataFrame, redis_url: str, key_prefix: str, namespace: str, view_json: str, write_batch: int) -> pd.DataFrame:
+    """Ray Data task: one block of a view's rows into Redis, in pipelines of `write_batch`
+    rows, on a connection of its own; returns how many rows it wrote.
+
+    A task, not an actor pool: Ray Data starts an actor pool's processes for every dataset.
+    Materialising the benchmark world's two views (400 users, 800 tracks, 2 cores) took 6-9 s
+    with a pool of writer actors against 0.9-1.2 s in tasks on the cluster's warm workers."""
+    client = client_from_url(redis_url)
+    try:
+        view = FeatureView.model_validate_json(view_json)
+        fields = [f for f in view.fields if f in block]
+        rows = zip(block["entity_id"], block[fields].to_dict("records"))
+        return pd.DataFrame({"written": [RedisOnlineStore(client, Keys(key_prefix), write_batch=write_batch).write(namespace, view, rows)]})
+    finally:
+        client.close()
 
 
 def user_history(
@@ -116,32 +123,33 @@ def build_views(settings: Settings, store: ArtifactStore) -> tuple[dict[str, pd.
 
 def write_online(settings: Settings, namespace: str, view: FeatureView, rows: pd.DataFrame) -> int:
     """Write one view with Ray Data; at most `features.write_concurrency` writers hit Redis."""
-    import ray
-
     frame = rows[[c for c in view.fields if c in rows]].rename_axis("entity_id").reset_index()
     frame["entity_id"] = frame["entity_id"].astype(str)
     if frame.empty:
         return 0
     cfg = settings.features
+    # Blocks enough for every writer as soon as a view has more rows than one task writes.
+    ds = dataset_in_blocks(frame, cfg.write_batch_size * WRITES_PER_TASK)
     written = (
-        ray.data.from_pandas(frame)
-        .map_batches(
-            OnlineWriter,
-            fn_constructor_kwargs={
+        ds.map_batches(
+            write_rows,
+            fn_kwargs={
                 "redis_url": resolve_redis_url(settings),
                 "key_prefix": settings.redis.key_prefix,
                 "namespace": namespace,
                 "view_json": view.model_dump_json(),
-                "batch": cfg.write_batch_size,
+                "write_batch": cfg.write_batch_size,
             },
-            concurrency=cfg.write_concurrency,
-            batch_size=cfg.write_batch_size,
+            concurrency=min(cfg.write_concurrency, ds.num_blocks()),
+            batch_size=None,  # the whole block
             batch_format="pandas",
             num_cpus=0.25,
         )
-        .sum("written")
+        # Summed here: Dataset.sum runs an aggregation stage of its own, 2.5-6 s even for the
+        # few rows of counts this returns.
+        .to_pandas()["written"]
     )
-    return int(written or 0)
+    return int(written.sum())
 
 
 def check_registry(settings: Settings, offline: OfflineSnapshots) -> Registry:

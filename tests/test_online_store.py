@@ -182,7 +182,7 @@ def test_release_date_materialises_as_epoch_ms_whatever_its_unit_and_a_missing_o
     from app.config import settings_from_args
     from app.features.offline import OfflineSnapshots
     from app.features.parity import compare_view
-    from jobs.materialize import OnlineWriter, build_views
+    from jobs.materialize import build_views, write_rows
 
     settings = settings_from_args({"paths": {"state_dir": str(tmp_path)}})
     store = ArtifactStore(settings.paths.artifacts_dir)
@@ -193,7 +193,7 @@ def test_release_date_materialises_as_epoch_ms_whatever_its_unit_and_a_missing_o
     rows = build_views(settings, store)[0]["track_profile"]
 
     frame = rows.rename_axis("entity_id").reset_index()  # as write_online hands it to its writers
-    OnlineWriter(redis_server.url, "test", "v1", TRACK.model_dump_json(), batch=10)(frame)
+    write_rows(frame, redis_server.url, "test", "v1", TRACK.model_dump_json(), write_batch=10)
     online = RedisOnlineStore(redis_client, Keys("test"))
     dated, undated = online.read("v1", [(TRACK, "t1"), (TRACK, "t2")]).rows
     assert dated["release_ms"] == 1577836800000

@@ -46,15 +46,20 @@ def timed(stage: str) -> Iterator[dict]:
 
 def dataset_in_blocks(frame, rows_per_block: int, max_blocks: int = 1000):
     """A Ray dataset of the pandas `frame` in blocks of about `rows_per_block` rows, so every
-    task or actor of a bounded pool gets work (one block would go to one of them). Built from
-    a list of frames rather than with `repartition`: that is an all-to-all task needing a free
-    CPU, and a pool sized to the whole cluster would leave it waiting forever. At most
-    `max_blocks`: plenty for any pool, without per-block overhead on a huge input."""
+    task or actor of a bounded pool gets work (one block would go to one of them). At most
+    `max_blocks`: plenty for any pool, without per-block overhead on a huge input.
+
+    The blocks are made here and handed over as they are (`from_blocks`), with no task in
+    the cluster. `repartition` is an all-to-all task, and `from_pandas` reads each block's
+    schema in a task: both need a whole free CPU. On 2 cores the content job's second pass
+    hung twice in `from_pandas`, waiting for one while 1.5 CPUs were taken (`ray status`):
+    the actors of its first pass's pool outlive it for a while (one restarting after the
+    crash and one replacing it, seen in a run that got through)."""
     import ray
 
     frame = frame.reset_index(drop=True)
     size = max(rows_per_block, -(-len(frame) // max_blocks))
-    return ray.data.from_pandas([frame.iloc[i : i + size] for i in range(0, len(frame), size)])
+    return ray.data.from_blocks([frame.iloc[i : i + size] for i in range(0, len(frame), size)])
 
 
 def print_summary(summary: dict) -> None:

@@ -24,6 +24,7 @@ from app.data.world import generate_world, load_world
 from app.events.dead_letter import DeadLetterQueue
 from training.cold_start import ContentModel
 from tests.crashing_extractors import DiesOnEveryBatch, FailsOnTrackT3, FailsOnTracksT3AndT5, RaisesOnTrackT3
+from tests.waiting import poll
 
 pytestmark = pytest.mark.ray
 
@@ -249,3 +250,31 @@ def test_a_fault_in_every_batch_fails_the_job_instead_of_retrying_each_track(ray
 
     with pytest.raises(RuntimeError, match="every batch of audio analysis failed"):
         extract_audio(_audio_settings(tmp_path, crash_retries=0), TRACKS[:4], extractor=DiesOnEveryBatch)  # two batches
+
+
+@pytest.mark.timeout(180)
+def test_each_pass_frees_its_cpus_when_it_ends_even_if_the_driver_seldom_collects_garbage(ray_cluster, tmp_path):
+    """The job's passes run one after another in one driver, and a pass's actors hold CPUs. A
+    finished pass must free them when it ends, not at the driver's next full garbage
+    collection, which on a large heap may not come for minutes: the next pass waited for
+    those CPUs, and the job hung (the crash tests above did, run after the end-to-end suite).
+    Automatic collection is off here, as it in effect is on such a driver."""
+    import gc
+
+    import ray
+
+    from jobs.embed_content import extract_audio
+
+    def free_cpus() -> float:
+        return ray.available_resources().get("CPU", 0.0)
+
+    # An earlier test's actors may still be on their way out.
+    before = poll(free_cpus, lambda cpus: cpus >= ray.cluster_resources()["CPU"], 20_000)
+    gc.disable()
+    try:
+        analysis = extract_audio(_audio_settings(tmp_path, crash_retries=0), TRACKS, extractor=FailsOnTrackT3)  # two passes
+        after = poll(free_cpus, lambda cpus: cpus >= before, 20_000)
+    finally:
+        gc.enable()
+    assert analysis.set_index("track_id").loc["t3", "error_reason"] == "analysis_failed"
+    assert after >= before

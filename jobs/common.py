@@ -51,10 +51,9 @@ def dataset_in_blocks(frame, rows_per_block: int, max_blocks: int = 1000):
 
     The blocks are made here and handed over as they are (`from_blocks`), with no task in
     the cluster. `repartition` is an all-to-all task, and `from_pandas` reads each block's
-    schema in a task: both need a whole free CPU. On 2 cores the content job's second pass
-    hung twice in `from_pandas`, waiting for one while 1.5 CPUs were taken (`ray status`):
-    the actors of its first pass's pool outlive it for a while (one restarting after the
-    crash and one replacing it, seen in a run that got through)."""
+    schema in a task: both need a whole free CPU, which a small busy cluster may not have for
+    a long while (the content job's second pass once waited in `from_pandas` while its first
+    pass's actors still held their CPUs; `jobs.embed_content._analyse` says why they did)."""
     import ray
 
     frame = frame.reset_index(drop=True)

@@ -185,17 +185,19 @@ def ratio_interval(ours: list[float], bare: list[float], q: float = 95, block: i
 
 
 # ------------------------------------------------------------------------------ the bare chain
-def bare_chain_app():
-    """Same hops as the DAG, no work: what Serve itself costs for this shape."""
+def bare_chain_app(hop=None):
+    """Same hops as the DAG, no work: what Serve itself costs for this shape. `hop`: another
+    class for the five stages (benchmarks/serve_trace.py's stamps when each is called)."""
     from fastapi import FastAPI
     from ray import serve
 
     api = FastAPI()
 
-    @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
-    class Hop:
+    class Relay:
         async def __call__(self, *args):
             return args[0] if args else None
+
+    Hop = serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)(hop or Relay)
 
     # The same replica environment as ApiIngress: both chains run Serve in the same mode.
     @serve.deployment(ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": REPLICA_ENV}}, max_ongoing_requests=128)

@@ -149,10 +149,11 @@ def _analyse(settings: Settings, tracks: pd.DataFrame, extractor: type, alone: b
     ds.context.max_errored_blocks = -1
     analysed = ds.to_pandas()
     # Give the pool's CPUs back now. Ray Data lets a finished pool's actors go by dropping its
-    # references to them, but its operator holds them in a reference cycle (each task's done
-    # callback is a partial over the actor), so they live on, each holding its
-    # `content.cpus_per_actor`, until the driver's next full collection, which on a large heap
-    # may not come for minutes. The next pass's actors then waited for those CPUs: the job hung.
+    # references to them, but after a failed batch its operator still holds them in a reference
+    # cycle (a task's done callback is a partial over its actor), so they live on, each holding
+    # its `content.cpus_per_actor`, until the driver's next full collection, which on a large
+    # heap may not come for minutes. The next pass's actors then waited for those CPUs: the job
+    # hung (tests/test_content_job.py, the test on freeing CPUs).
     del ds
     gc.collect()
     return analysed if "track_id" in analysed else pd.DataFrame({"track_id": []})  # no batch made it

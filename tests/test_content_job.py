@@ -214,6 +214,37 @@ def _audio_settings(tmp_path, crash_retries: int, batch_size: int = 2):
 TRACKS = pd.DataFrame({"track_id": [f"t{i}" for i in range(6)], "audio_path": [f"/music/t{i}.ogg" for i in range(6)]})
 
 
+@pytest.mark.timeout(180)
+def test_each_pass_frees_its_cpus_when_it_ends_even_if_the_driver_seldom_collects_garbage(ray_cluster, tmp_path):
+    """The job's passes run one after another in one driver, and a pass's actors hold CPUs. A
+    finished pass must free them when it ends, not at the driver's next full garbage
+    collection, which on a large heap may not come for minutes: the next pass waited for
+    those CPUs, and the job hung (the crash tests below did, run after the end-to-end suite).
+    Automatic collection is off here, as it in effect is on such a driver."""
+    import gc
+
+    import ray
+
+    from jobs.embed_content import extract_audio
+
+    def free_cpus() -> float:
+        time.sleep(0.05)  # an actor's exit takes the GCS and raylet a moment: look every 50 ms, up to a minute
+        return ray.available_resources().get("CPU", 0.0)
+
+    # An earlier test's actors may still be on their way out.
+    before = poll(free_cpus, lambda cpus: cpus >= ray.cluster_resources()["CPU"], 1200)
+    gc.disable()
+    try:
+        # Two passes: t3's batch fails the first, and t2 and t3 go again alone. A failed batch
+        # is what left a pool's actors behind: a pass where every batch succeeded let them go.
+        analysis = extract_audio(_audio_settings(tmp_path, crash_retries=0), TRACKS[:4], extractor=RaisesOnTrackT3)
+        after = poll(free_cpus, lambda cpus: cpus >= before, 1200)
+    finally:
+        gc.enable()
+    assert analysis.set_index("track_id").loc["t3", "error_reason"] == "analysis_failed"
+    assert after >= before
+
+
 # The failure this guards against was a job that never ended.
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("extractor", [FailsOnTrackT3, RaisesOnTrackT3], ids=["actor-dies", "raises"])
@@ -251,34 +282,3 @@ def test_a_fault_in_every_batch_fails_the_job_instead_of_retrying_each_track(ray
 
     with pytest.raises(RuntimeError, match="every batch of audio analysis failed"):
         extract_audio(_audio_settings(tmp_path, crash_retries=0), TRACKS[:4], extractor=DiesOnEveryBatch)  # two batches
-
-
-@pytest.mark.timeout(180)
-def test_each_pass_frees_its_cpus_when_it_ends_even_if_the_driver_seldom_collects_garbage(ray_cluster, tmp_path):
-    """The job's passes run one after another in one driver, and a pass's actors hold CPUs. A
-    finished pass must free them when it ends, not at the driver's next full garbage
-    collection, which on a large heap may not come for minutes: the next pass waited for
-    those CPUs, and the job hung (the crash tests above did, run after the end-to-end suite).
-    Automatic collection is off here, as it in effect is on such a driver."""
-    import gc
-
-    import ray
-
-    from jobs.embed_content import extract_audio
-
-    def free_cpus() -> float:
-        time.sleep(0.05)  # an actor's exit takes the GCS and raylet a moment: look every 50 ms, up to a minute
-        return ray.available_resources().get("CPU", 0.0)
-
-    # An earlier test's actors may still be on their way out.
-    before = poll(free_cpus, lambda cpus: cpus >= ray.cluster_resources()["CPU"], 1200)
-    gc.disable()
-    try:
-        # Two passes: t3's batch fails the first, and t2 and t3 go again alone. A failed batch
-        # is what left a pool's actors behind: a pass where every batch succeeded let them go.
-        analysis = extract_audio(_audio_settings(tmp_path, crash_retries=0), TRACKS[:4], extractor=RaisesOnTrackT3)
-        after = poll(free_cpus, lambda cpus: cpus >= before, 1200)
-    finally:
-        gc.enable()
-    assert analysis.set_index("track_id").loc["t3", "error_reason"] == "analysis_failed"
-    assert after >= before

@@ -185,6 +185,13 @@ def ratio_interval(ours: list[float], bare: list[float], q: float = 95, block: i
 
 
 # ------------------------------------------------------------------------------ the bare chain
+class Relay:
+    """A bare stage: hands its first argument on."""
+
+    async def __call__(self, *args):
+        return args[0] if args else None
+
+
 def bare_chain_app(hop=None):
     """Same hops as the DAG, no work: what Serve itself costs for this shape. `hop`: another
     class for the five stages (benchmarks/serve_trace.py's stamps when each is called)."""
@@ -192,11 +199,6 @@ def bare_chain_app(hop=None):
     from ray import serve
 
     api = FastAPI()
-
-    class Relay:
-        async def __call__(self, *args):
-            return args[0] if args else None
-
     Hop = serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)(hop or Relay)
 
     # The same replica environment as ApiIngress: both chains run Serve in the same mode.

@@ -55,19 +55,6 @@ def stamped(cls: type, method: str) -> type:
     return type(cls.__name__, (cls,), {method: functools.wraps(getattr(cls, method))(timed), "stamps": stamps})
 
 
-class StampedRelay:
-    """The bare chain's hop, stamping when it is called."""
-
-    async def __call__(self, *args):
-        now = time.time()
-        self.__dict__.setdefault("_stamps", []).append((now, now))
-        return args[0] if args else None
-
-    async def stamps(self):
-        taken, self._stamps = self.__dict__.get("_stamps", []), []
-        return taken
-
-
 STAGES = ("FeatureFetcher", "CFRetriever", "ContentRetriever", "Blender", "Reranker")
 BARE_STAGES = ("BareFetch", "BareCF", "BareContent", "BareBlend", "BareRerank")
 
@@ -179,7 +166,7 @@ def main() -> None:
         serve.run(stamped_app(settings), name="echotune", route_prefix="/", logging_config=logging_config)
         bench.wait_http(f"http://127.0.0.1:{port}/healthz")
         bench.prepare(app_args, f"http://127.0.0.1:{port}")
-        serve.run(bench.bare_chain_app(hop=StampedRelay), name="bare", route_prefix="/bare", logging_config=logging_config)
+        serve.run(bench.bare_chain_app(hop=stamped(bench.Relay, "__call__")), name="bare", route_prefix="/bare", logging_config=logging_config)
         users = pd.read_parquet(args.state / "world" / "users.parquet")["user_id"].tolist()
         bench.wait_http(f"http://127.0.0.1:{port}/bare/v1/users/{users[0]}/recommendations")
         chains = {
